@@ -1,0 +1,121 @@
+"""Public RWKV-7 recurrence op: ``wkv7(r, log_w, k, v, a, b, initial_state, *, reset, impl, chunk_size)``.
+
+One function, several implementations with identical semantics (``ARCHITECTURE.md`` §3):
+
+* ``"reference"``: sequential ``lax.scan`` (:mod:`pallas_kernels.wkv7_reference`), float32 or float64;
+* ``"chunked"``: chunked WY form in plain JAX (:mod:`pallas_kernels.wkv7_chunked`), the CPU default;
+* ``"auto"``: the fastest implementation available on the current backend.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.wkv7_chunked import wkv7_chunked
+from pallas_kernels.wkv7_reference import wkv7_reference
+
+SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
+IMPLS = ("auto", "reference", "chunked")
+DEFAULT_CHUNK_SIZE = {"chunked": 16}
+
+
+def _is_concrete(x: jax.Array) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _validate(r, log_w, k, v, a, b, initial_state, reset, impl, chunk_size) -> None:
+    names = ("r", "log_w", "k", "v", "a", "b")
+    arrays = (r, log_w, k, v, a, b)
+    if r.ndim != 4:
+        raise ValueError(f"wkv7: r must be [B,T,H,N], got shape {r.shape}")
+    for name, x in zip(names, arrays, strict=True):
+        if x.shape != r.shape:
+            raise ValueError(
+                f"wkv7: {name} has shape {x.shape} but r has {r.shape}; all of r, log_w, k, v, a, b must be "
+                "[B,T,H,N] with the same shape"
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"wkv7: {name} must be a floating dtype (float32/bfloat16), got {x.dtype}")
+    bsz, seq_len, heads, n = r.shape
+    if seq_len < 1:
+        raise ValueError("wkv7: the sequence is empty (T = 0)")
+    if n not in SUPPORTED_HEAD_SIZES:
+        raise ValueError(f"wkv7: head size N={n} is not supported; use one of {SUPPORTED_HEAD_SIZES}")
+    if initial_state is not None and tuple(initial_state.shape) != (bsz, heads, n, n):
+        raise ValueError(
+            f"wkv7: initial_state has shape {tuple(initial_state.shape)}, expected [B,H,N,N] = "
+            f"{(bsz, heads, n, n)} (value rows x key columns)"
+        )
+    if reset is not None:
+        if tuple(reset.shape) != (bsz, seq_len):
+            raise ValueError(f"wkv7: reset has shape {tuple(reset.shape)}, expected [B,T] = {(bsz, seq_len)}")
+        if reset.dtype != jnp.bool_:
+            raise ValueError(f"wkv7: reset must be a bool array, got {reset.dtype}")
+    if impl not in IMPLS:
+        raise ValueError(f"wkv7: unknown impl {impl!r}; choose one of {IMPLS}")
+    if chunk_size is not None and (not isinstance(chunk_size, int | np.integer) or chunk_size < 1):
+        raise ValueError(f"wkv7: chunk_size must be a positive int, got {chunk_size!r}")
+    if _is_concrete(log_w):
+        top = float(jnp.max(log_w))
+        if top > 0:
+            raise ValueError(
+                f"wkv7: log_w must be <= 0 (it is log of a decay in (0, 1]); got max {top:g}. "
+                "Pass log(w), e.g. -exp(-0.5) * sigmoid(z), not w or a raw pre-activation."
+            )
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl != "auto":
+        return impl
+    return "chunked"
+
+
+def wkv7(
+    r: jax.Array,
+    log_w: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    initial_state: jax.Array | None = None,
+    *,
+    reset: jax.Array | None = None,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The RWKV-7 generalized delta rule over a sequence, per batch element and head.
+
+    ``S_t = S_{t-1} diag(w_t) + (S_{t-1} a_t) b_tᵀ + v_t k_tᵀ``, ``o_t = S_t r_t``, ``w_t = exp(log_w_t)``;
+    ``S`` is ``[N_v, N_k]`` (value rows x key columns, BlinkDL's layout).
+
+    Args:
+      r, log_w, k, v, a, b: ``[B,T,H,N]``, float32 or bfloat16. ``log_w <= 0`` (any value, -inf and 0
+        included). In RWKV-7, ``a = -κ̂`` and ``b = κ̂ ⊙ α``.
+      initial_state: ``[B,H,N,N]`` (zeros when None).
+      reset: optional bool ``[B,T]``: True at the first token of a new document in a packed row; the state
+        entering that token is zero, so a packed row gives exactly the outputs of each document run alone.
+      impl: ``"auto"``, ``"reference"`` or ``"chunked"``.
+      chunk_size: chunk length for the chunked implementations (default 16).
+
+    Returns:
+      ``o`` ``[B,T,H,N]`` in r's dtype, and the final state ``[B,H,N,N]`` in float32 (float64 when the
+      inputs are float64 under ``jax_enable_x64``). State and accumulation are float32 whatever the inputs.
+    """
+    _validate(r, log_w, k, v, a, b, initial_state, reset, impl, chunk_size)
+    impl = _resolve_impl(impl)
+    out_dtype = r.dtype
+    compute = jnp.promote_types(jnp.result_type(r, log_w, k, v, a, b), jnp.float32)
+    r, log_w, k, v, a, b = (x.astype(compute) for x in (r, log_w, k, v, a, b))
+    bsz, _, heads, n = r.shape
+    if initial_state is None:
+        initial_state = jnp.zeros((bsz, heads, n, n), compute)
+    else:
+        initial_state = initial_state.astype(compute)
+    if impl == "reference":
+        o, state = wkv7_reference(r, log_w, k, v, a, b, initial_state, reset)
+    else:
+        chunk = chunk_size or DEFAULT_CHUNK_SIZE["chunked"]
+        o, state = wkv7_chunked(r, log_w, k, v, a, b, initial_state, reset, chunk_size=chunk)
+    return o.astype(out_dtype), state

@@ -1,0 +1,1 @@
+"""Training, evaluation and conversion entry points (the ``wuneng`` command)."""
