@@ -10,10 +10,12 @@ with ``ℓ = log w`` and row-stacked ``R, K, V, A, B`` ``[L,N]``::
     SA = U + W S0ᵀ ;  Y = R̃ S0ᵀ + M_rb SA + M_rk V ;  S_L = S0 ⊙ e^{Γ_L} + SAᵀ B̄ + Vᵀ K̄
 
 Numerics (the traps of §2.3-2.4, §5):
-* every decay factor is ``exp`` of a *segment sum* of log decays computed directly (never a difference of
-  two cumulative sums, never a positive exponent), so decays down to 0 (ℓ = -inf), exactly 1 (ℓ = 0) and
-  mixtures of both are exact: the pairwise ``[L,L,N]`` form, recomputed in the backward pass (remat);
-* the triangular system is solved by substitution (``solve_triangular``), never a Neumann product;
+* the interaction matrices are plain matmuls of centred factors ``e^{Γ-ρ}``, ``e^{ρ-Γ}`` when every
+  ``|ℓ|`` is within :func:`factored_bound` (RWKV-7's decay parametrisation guarantees it); otherwise (decays
+  near 0, ℓ = -inf, ...) a ``lax.cond`` takes the exact pairwise form, where every decay factor is ``exp`` of
+  a directly summed segment of log decays (never a difference of two cumulative sums, never a positive
+  exponent), recomputed in the backward pass (remat);
+* the unit-triangular inverse is the exact ladder (:func:`unit_lower_inverse`), never a Neumann product;
 * state, decays and accumulation stay in float32 (float64 under x64) whatever the input dtype.
 
 Packed documents: ``reset`` counts ``c_t`` (resets at positions ≤ t in the chunk) mask every term that would
@@ -49,33 +51,96 @@ def _from_chunks(x: jax.Array) -> jax.Array:
     return x.transpose(0, 2, 3, 1, 4).reshape(bsz, nc * chunk, heads, n)
 
 
+def _pair_masks(chunk: int, same_seg: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Masks ``[B,1,NC,L,L]`` of the pairs (t, s) that interact: ``s <= t`` (incl) / ``s < t`` (excl)."""
+    t_idx = jnp.arange(chunk)[:, None]
+    s_idx = jnp.arange(chunk)[None, :]
+    return (t_idx >= s_idx) & same_seg, (t_idx > s_idx) & same_seg
+
+
+def factored_bound(chunk: int) -> float:
+    """Largest |ℓ| for which the factored form cannot overflow: every factor stays within e^{±30}."""
+    return 60.0 / (chunk + 2)
+
+
 @jax.checkpoint
-def _interaction_matrices(
-    r: jax.Array, k: jax.Array, a: jax.Array, b: jax.Array, log_w: jax.Array, same_seg: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """The four decayed ``[L,L]`` interaction matrices of every chunk (pairwise-exponent form).
+def _interaction_matrices_pairwise(r, k, a, b, log_w, same_seg):
+    """The four decayed ``[L,L]`` interaction matrices, exact for any ``ℓ <= 0`` (pairwise exponents).
 
     Args: ``r, k, a, b, log_w`` ``[B,H,NC,L,N]``; ``same_seg`` bool ``[B,1,NC,L,L]`` (no reset in (s, t]).
     Returns ``M_ab, M_ak`` (strictly lower) and ``M_rb, M_rk`` (lower incl. diagonal), ``[B,H,NC,L,L]``.
-    Rematerialised in the backward pass so the ``[L,L,N]`` decay tensors are never stored.
+    Every exponent is a directly summed segment ``Σ_{s<u≤t} ℓ_u`` (never a difference of cumulative sums,
+    which loses everything when one ℓ is huge). Rematerialised in the backward pass so the ``[L,L,N]``
+    decay tensors are never stored.
     """
     chunk = log_w.shape[-2]
+    incl, excl = _pair_masks(chunk, same_seg)
     t_idx = jnp.arange(chunk)[:, None]
     s_idx = jnp.arange(chunk)[None, :]
-    # seg[..., t, s, n] = Σ_{s<u≤t} ℓ_u[n]  (for t ≥ s), by a masked cumulative sum over t.
     terms = jnp.where((t_idx > s_idx)[..., None], log_w[..., :, None, :], 0.0)
-    seg_incl = jnp.cumsum(terms, axis=-3)
+    seg_incl = jnp.cumsum(terms, axis=-3)  # [..., t, s, n] = Σ_{s<u≤t} ℓ_u
     # Σ_{s<u<t} ℓ_u = seg_incl[t-1, s]: shift one row down (row 0 is never used: it needs s < 0).
     seg_excl = jnp.concatenate([jnp.zeros_like(seg_incl[..., :1, :, :]), seg_incl[..., :-1, :, :]], axis=-3)
-    incl_mask = ((t_idx >= s_idx) & same_seg)[..., None]
-    excl_mask = ((t_idx > s_idx) & same_seg)[..., None]
-    d_incl = jnp.where(incl_mask, jnp.exp(jnp.where(incl_mask, seg_incl, 0.0)), 0.0)
-    d_excl = jnp.where(excl_mask, jnp.exp(jnp.where(excl_mask, seg_excl, 0.0)), 0.0)
-    m_ab = _einsum("...tn,...sn,...tsn->...ts", a, b, d_excl)
-    m_ak = _einsum("...tn,...sn,...tsn->...ts", a, k, d_excl)
-    m_rb = _einsum("...tn,...sn,...tsn->...ts", r, b, d_incl)
-    m_rk = _einsum("...tn,...sn,...tsn->...ts", r, k, d_incl)
+    d_incl = jnp.where(incl[..., None], jnp.exp(jnp.where(incl[..., None], seg_incl, 0.0)), 0.0)
+    d_excl = jnp.where(excl[..., None], jnp.exp(jnp.where(excl[..., None], seg_excl, 0.0)), 0.0)
+    bk = jnp.stack([b, k], axis=-3)  # [..., 2, L, N]: one contraction serves both right operands
+    m_ab, m_ak = jnp.unstack(_einsum("...tsn,...csn->...cts", a[..., :, None, :] * d_excl, bk), axis=-3)
+    m_rb, m_rk = jnp.unstack(_einsum("...tsn,...csn->...cts", r[..., :, None, :] * d_incl, bk), axis=-3)
     return m_ab, m_ak, m_rb, m_rk
+
+
+def _interaction_matrices_factored(r, k, a, b, log_w, same_seg):
+    """Same as :func:`_interaction_matrices_pairwise` as plain matmuls, valid while
+    ``|ℓ| <= factored_bound(L)`` (RWKV-7's ``|ℓ| < e^{-1/2}`` always is for L <= 64).
+
+    ``e^{Γ_t - Γ_s} = e^{Γ_t - ρ} e^{ρ - Γ_s}`` with ``ρ`` the cumulative log decay at the chunk's middle row,
+    so both factors stay within ``e^{±(L/2)|ℓ|max}`` (fla's "safe gate", maxtext's centering). ``ℓ`` is
+    clamped to the bound so the branch stays finite even when it is not the one selected.
+    """
+    chunk = log_w.shape[-2]
+    incl, excl = _pair_masks(chunk, same_seg)
+    log_w = jnp.maximum(log_w, -factored_bound(chunk))
+    gamma = jnp.cumsum(log_w, axis=-2)
+    rho = gamma[..., chunk // 2 : chunk // 2 + 1, :]
+    right = jnp.exp(rho - gamma)
+    bk = jnp.stack([b * right, k * right], axis=-3)  # [..., 2, L, N]
+    m_ab, m_ak = jnp.unstack(_einsum("...tn,...csn->...cts", a * jnp.exp(gamma - log_w - rho), bk), axis=-3)
+    m_rb, m_rk = jnp.unstack(_einsum("...tn,...csn->...cts", r * jnp.exp(gamma - rho), bk), axis=-3)
+    return (
+        jnp.where(excl, m_ab, 0.0),
+        jnp.where(excl, m_ak, 0.0),
+        jnp.where(incl, m_rb, 0.0),
+        jnp.where(incl, m_rk, 0.0),
+    )
+
+
+def _interaction_matrices(r, k, a, b, log_w, same_seg):
+    """Matmul form when every decay allows it (always, for RWKV-7 models), exact pairwise form otherwise."""
+    safe = jnp.min(log_w) >= -factored_bound(log_w.shape[-2])
+    args = (r, k, a, b, log_w, same_seg)
+    return jax.lax.cond(safe, _interaction_matrices_factored, _interaction_matrices_pairwise, *args)
+
+
+def unit_lower_inverse(m: jax.Array) -> jax.Array:
+    """``(I - M)^{-1}`` for strictly lower-triangular ``M`` ``[..., L, L]`` (L a power of two).
+
+    Recursive doubling of the block size ("ladder", rwkv7-and-kernels.md §2.4): with ``X`` the inverse of the
+    block-diagonal part at block size ``c``, the inverse at ``2c`` is ``X + X M_c X``, where ``M_c`` keeps the
+    lower-left ``c x c`` block of every ``2c x 2c`` diagonal block. Exact in exact arithmetic, ``2 log2 L``
+    matmuls, and no cancellation (unlike the Neumann product ``(I+M)(I+M²)...``).
+    """
+    size = m.shape[-1]
+    if size & (size - 1):
+        raise ValueError(f"unit_lower_inverse: L={size} must be a power of two")
+    idx = jnp.arange(size)
+    x = jnp.broadcast_to(jnp.eye(size, dtype=m.dtype), m.shape)
+    block = 1
+    while block < size:
+        same_pair = (idx[:, None] // (2 * block)) == (idx[None, :] // (2 * block))
+        lower_left = ((idx[:, None] // block) % 2 == 1) & ((idx[None, :] // block) % 2 == 0)
+        x = x + _einsum("...ij,...jk,...kl->...il", x, jnp.where(same_pair & lower_left, m, 0.0), x)
+        block *= 2
+    return x
 
 
 def wkv7_chunked(
@@ -96,6 +161,8 @@ def wkv7_chunked(
     """
     bsz, seq_len, _, _ = r.shape
     chunk = int(chunk_size)
+    if chunk & (chunk - 1):
+        raise ValueError(f"wkv7 chunked: chunk_size={chunk} must be a power of two (8, 16, 32, 64, ...)")
     num_chunks = -(-seq_len // chunk)
     pad = num_chunks * chunk - seq_len
     if reset is None:
@@ -129,10 +196,9 @@ def wkv7_chunked(
     g = jnp.where(chunk_clear, jnp.exp(gamma_total), 0.0)
 
     m_ab, m_ak, m_rb, m_rk = _interaction_matrices(r, k, a, b, log_w, same_seg)
-    eye = jnp.eye(chunk, dtype=r.dtype)
-    rhs = jnp.concatenate([a_tilde, _einsum("...ts,...sn->...tn", m_ak, v)], axis=-1)
-    sol = jax.scipy.linalg.solve_triangular(eye - m_ab, rhs, lower=True, unit_diagonal=True)
-    w_wy, u_wy = sol[..., :, : a.shape[-1]], sol[..., :, a.shape[-1] :]  # SA = U + W S0ᵀ
+    t_inv = unit_lower_inverse(m_ab)  # T = (I - M_ab)^{-1}
+    w_wy = _einsum("...ts,...sn->...tn", t_inv, a_tilde)  # SA = U + W S0ᵀ
+    u_wy = _einsum("...ts,...sn->...tn", _einsum("...ts,...su->...tu", t_inv, m_ak), v)
     x_kv = _einsum("...si,...sj->...ij", v, k_bar)  # Vᵀ K̄  [B,H,NC,N,N]
 
     # Stage B: the sequential inter-chunk state pass.
