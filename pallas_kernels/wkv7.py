@@ -9,6 +9,8 @@ One function, several implementations with identical semantics (``ARCHITECTURE.m
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,6 +107,13 @@ def wkv7(
     """
     _validate(r, log_w, k, v, a, b, initial_state, reset, impl, chunk_size)
     impl = _resolve_impl(impl)
+    chunk = chunk_size or DEFAULT_CHUNK_SIZE.get(impl, 16)
+    return _wkv7_jit(r, log_w, k, v, a, b, initial_state, reset, impl=impl, chunk_size=chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
+def _wkv7_jit(r, log_w, k, v, a, b, initial_state, reset, *, impl: str, chunk_size: int):
+    """One compiled program per shape (inlined when called under an outer ``jit``)."""
     out_dtype = r.dtype
     compute = jnp.promote_types(jnp.result_type(r, log_w, k, v, a, b), jnp.float32)
     r, log_w, k, v, a, b = (x.astype(compute) for x in (r, log_w, k, v, a, b))
@@ -116,6 +125,5 @@ def wkv7(
     if impl == "reference":
         o, state = wkv7_reference(r, log_w, k, v, a, b, initial_state, reset)
     else:
-        chunk = chunk_size or DEFAULT_CHUNK_SIZE["chunked"]
-        o, state = wkv7_chunked(r, log_w, k, v, a, b, initial_state, reset, chunk_size=chunk)
+        o, state = wkv7_chunked(r, log_w, k, v, a, b, initial_state, reset, chunk_size=chunk_size)
     return o.astype(out_dtype), state

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -53,8 +54,8 @@ def _from_chunks(x: jax.Array) -> jax.Array:
 
 def _pair_masks(chunk: int, same_seg: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Masks ``[B,1,NC,L,L]`` of the pairs (t, s) that interact: ``s <= t`` (incl) / ``s < t`` (excl)."""
-    t_idx = jnp.arange(chunk)[:, None]
-    s_idx = jnp.arange(chunk)[None, :]
+    t_idx = np.arange(chunk)[:, None]
+    s_idx = np.arange(chunk)[None, :]
     return (t_idx >= s_idx) & same_seg, (t_idx > s_idx) & same_seg
 
 
@@ -75,9 +76,8 @@ def _interaction_matrices_pairwise(r, k, a, b, log_w, same_seg):
     """
     chunk = log_w.shape[-2]
     incl, excl = _pair_masks(chunk, same_seg)
-    t_idx = jnp.arange(chunk)[:, None]
-    s_idx = jnp.arange(chunk)[None, :]
-    terms = jnp.where((t_idx > s_idx)[..., None], log_w[..., :, None, :], 0.0)
+    after_s = np.arange(chunk)[:, None, None] > np.arange(chunk)[None, :, None]  # [t, s, 1]: u = t > s
+    terms = jnp.where(after_s, log_w[..., :, None, :], 0.0)
     seg_incl = jnp.cumsum(terms, axis=-3)  # [..., t, s, n] = Σ_{s<u≤t} ℓ_u
     # Σ_{s<u<t} ℓ_u = seg_incl[t-1, s]: shift one row down (row 0 is never used: it needs s < 0).
     seg_excl = jnp.concatenate([jnp.zeros_like(seg_incl[..., :1, :, :]), seg_incl[..., :-1, :, :]], axis=-3)
@@ -132,13 +132,14 @@ def unit_lower_inverse(m: jax.Array) -> jax.Array:
     size = m.shape[-1]
     if size & (size - 1):
         raise ValueError(f"unit_lower_inverse: L={size} must be a power of two")
-    idx = jnp.arange(size)
+    row, col = np.arange(size)[:, None], np.arange(size)[None, :]
     x = jnp.broadcast_to(jnp.eye(size, dtype=m.dtype), m.shape)
     block = 1
-    while block < size:
-        same_pair = (idx[:, None] // (2 * block)) == (idx[None, :] // (2 * block))
-        lower_left = ((idx[:, None] // block) % 2 == 1) & ((idx[None, :] // block) % 2 == 0)
-        x = x + _einsum("...ij,...jk,...kl->...il", x, jnp.where(same_pair & lower_left, m, 0.0), x)
+    while block < size:  # masks are numpy constants: cheaper to compile
+        same_pair = (row // (2 * block)) == (col // (2 * block))
+        lower_left = ((row // block) % 2 == 1) & ((col // block) % 2 == 0)
+        m_block = m * (same_pair & lower_left).astype(m.dtype)
+        x = x + jnp.matmul(jnp.matmul(x, m_block, precision=_HI), x, precision=_HI)
         block *= 2
     return x
 

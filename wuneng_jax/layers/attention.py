@@ -1,0 +1,258 @@
+"""The one attention function: causal, segment-masked, grouped-query softmax attention.
+
+``dot_product_attention(q [B,T,H,D], k [B,S,G,D], v [B,S,G,D], *, segment_ids_q, segment_ids_kv, causal,
+impl)`` -> ``[B,T,H,D]`` in ``q.dtype``.
+
+Semantics (every ``impl``):
+* query head ``h`` uses KV head ``h // (H // G)`` (repeat-interleave GQA mapping, as Hugging Face);
+* scores ``q·k / sqrt(D)`` (or ``scale``), softmax in ``promote_types(q.dtype, float32)``: float32 for
+  bfloat16/float32 inputs; the ``reference`` implementation keeps float64 for float64 inputs;
+* a query attends to a key only if their segment ids are equal (packed documents never attend across
+  segments; padding has segment id 0 and attends only to padding) and, when ``causal``, the key is not in
+  the future. With ``T != S`` the causal mask is aligned bottom-right (query ``i`` sits at key index
+  ``S - T + i``), the layout of a query block appended to a key/value history;
+* a query row with no visible key (impossible for causal self-attention with segment ids) gives a finite
+  average, never NaN.
+
+Implementations (``impl``):
+* ``"reference"``: explicit einsums; the only one that keeps float64 softmax (x64 reference runs);
+* ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``;
+* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, bfloat16/float16 only);
+  the segment mask is passed as a mask (cuDNN turns it into a bias);
+* ``"splash"``: the Pallas TPU splash-attention kernel (``jax.experimental.pallas.ops.tpu``), causal
+  self-attention with ``T == S`` a multiple of 128. Under a mesh with logical rules it runs inside
+  ``jax.shard_map`` over batch (and heads where they divide); the sequence axis is gathered.
+  ``splash_interpret=True`` runs it in Pallas interpret mode (CPU tests);
+* ``"auto"``: float64 -> reference; GPU with bf16/f16 and a cuDNN-friendly head dim -> cudnn;
+  TPU with splash-friendly shapes -> splash; otherwise xla.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import spmd
+
+from wuneng_jax.layers.params import sharding_active
+from wuneng_jax.sharding import ACT_HEADS, ACT_KV_HEADS, BATCH
+
+AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "splash"]
+IMPLS: tuple[str, ...] = ("auto", "reference", "xla", "cudnn", "splash")
+
+_SPLASH_BLOCK = 128
+
+
+def _large_negative(dtype: jnp.dtype) -> jax.Array:
+    # Finite, so a fully masked row softmaxes to a uniform average instead of NaN; capped at float32 range.
+    return jnp.asarray(-0.7 * min(float(jnp.finfo(dtype).max), float(jnp.finfo(jnp.float32).max)), dtype)
+
+
+def attention_mask(
+    segment_ids_q: jax.Array | None, segment_ids_kv: jax.Array | None, t: int, s: int, causal: bool
+) -> jax.Array | None:
+    """Boolean mask ``[B|1, 1, T, S]`` (True = may attend), or None when nothing is masked."""
+    mask = None
+    if segment_ids_q is not None:
+        mask = (segment_ids_q[:, :, None] == segment_ids_kv[:, None, :])[:, None, :, :]
+    if causal:
+        c = jnp.asarray(np.arange(s)[None, :] <= np.arange(t)[:, None] + (s - t))[None, None]
+        mask = c if mask is None else jnp.logical_and(mask, c)
+    return mask
+
+
+def reference_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float
+) -> jax.Array:
+    """Explicit GQA softmax attention; logits and softmax in ``promote_types(q.dtype, float32)``.
+
+    q ``[B,T,H,D]``, k/v ``[B,S,G,D]``, mask ``[B|1,1,T,S]`` bool or None -> ``[B,T,H,D]``.
+    """
+    b, t, h, d = q.shape
+    g = k.shape[2]
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    qg = q.reshape(b, t, g, h // g, d)
+    logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=acc) * jnp.asarray(scale, acc)
+    if mask is not None:
+        logits = jnp.where(mask[:, :, None], logits, _large_negative(acc))
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, preferred_element_type=acc)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def _jax_nn_attention(q, k, v, seg_q, seg_kv, causal: bool, scale: float, implementation: str) -> jax.Array:
+    t, s = q.shape[1], k.shape[1]
+    aligned = causal and t == s  # jax's is_causal is top-left aligned: only use it when T == S
+    mask = attention_mask(seg_q, seg_kv, t, s, causal and not aligned)
+    if mask is not None and mask.shape[0] == 1 and q.shape[0] != 1:
+        mask = jnp.broadcast_to(mask, (q.shape[0], *mask.shape[1:]))
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, scale=scale, is_causal=aligned, implementation=implementation
+    )
+
+
+def _splash_kernel(num_heads: int, t: int, causal: bool, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    block = _SPLASH_BLOCK * max(1, math.gcd(t // _SPLASH_BLOCK, 4))  # 128..512, dividing T
+    head_mask = sa.CausalMask((t, t)) if causal else sa.FullMask((t, t))
+    sizes = sa.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    return sa.make_splash_mha_single_device(
+        mask=sa.MultiHeadMask([head_mask] * num_heads), block_sizes=sizes, interpret=interpret
+    )
+
+
+def _splash_local(q, k, v, seg_q, seg_kv, *, causal: bool, scale: float, interpret: bool) -> jax.Array:
+    """Splash on local (per-device) arrays. q ``[B,T,H,D]``, k/v ``[B,T,G,D]``, seg ``[B,T]``."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    kernel = _splash_kernel(q.shape[2], q.shape[1], causal, interpret)
+    qh = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)  # [B,H,T,D]
+    kh = k.transpose(0, 2, 1, 3)
+    vh = v.transpose(0, 2, 1, 3)
+    out = jax.vmap(lambda a, b_, c, sq, skv: kernel(a, b_, c, segment_ids=sa.SegmentIds(q=sq, kv=skv)))(
+        qh, kh, vh, seg_q, seg_kv
+    )
+    return out.transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+def _mesh_axes_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
+def _splash(q, k, v, seg_q, seg_kv, *, causal: bool, scale: float, interpret: bool) -> jax.Array:
+    local = functools.partial(_splash_local, causal=causal, scale=scale, interpret=interpret)
+    if not sharding_active():
+        return local(q, k, v, seg_q, seg_kv)
+    # A Pallas call under a sharded jit must sit inside shard_map: shard batch, and heads where both the
+    # query and KV head counts divide the head axes' size; gather the sequence (splash is not ring attention).
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = spmd.get_logical_axis_rules()
+    P = jax.sharding.PartitionSpec
+    batch_axes = spmd.apply_rules(P(BATCH), rules)[0]
+    head_axes = spmd.apply_rules(P(ACT_HEADS), rules)[0]
+    kv_axes = spmd.apply_rules(P(ACT_KV_HEADS), rules)[0]
+    if batch_axes is not None and q.shape[0] % _mesh_axes_size(mesh, batch_axes) != 0:
+        batch_axes = None
+    n_head = _mesh_axes_size(mesh, head_axes)
+    if head_axes != kv_axes or q.shape[2] % n_head != 0 or k.shape[2] % n_head != 0:
+        head_axes = None
+    qs = P(batch_axes, None, head_axes, None)
+    ss = P(batch_axes, None)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(qs, qs, qs, ss, ss), out_specs=qs, check_vma=False)
+    return fn(q, k, v, seg_q, seg_kv)
+
+
+def _splash_supported(q: jax.Array, k: jax.Array, causal: bool) -> bool:
+    t, s = q.shape[1], k.shape[1]
+    return t == s and t % _SPLASH_BLOCK == 0 and q.dtype in (jnp.float32, jnp.bfloat16)
+
+
+def _cudnn_supported(q: jax.Array) -> bool:
+    d = q.shape[-1]
+    return q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128
+
+
+def resolve_impl(impl: str, q: jax.Array, k: jax.Array, causal: bool) -> str:
+    """The concrete implementation ``"auto"`` picks for these inputs on the default backend."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    if q.dtype == jnp.float64:
+        return "reference"
+    backend = jax.default_backend()
+    if backend == "gpu" and _cudnn_supported(q):
+        return "cudnn"
+    if backend == "tpu" and _splash_supported(q, k, causal):
+        return "splash"
+    return "xla"
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids_q: jax.Array | None = None,
+    segment_ids_kv: jax.Array | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    impl: AttentionImpl = "auto",
+    splash_interpret: bool = False,
+) -> jax.Array:
+    """Causal, segment-masked GQA attention. q ``[B,T,H,D]``, k/v ``[B,S,G,D]`` -> ``[B,T,H,D]``.
+
+    ``segment_ids_q`` int ``[B,T]`` / ``segment_ids_kv`` int ``[B,S]``: attention only within equal ids
+    (give one for both when ``T == S``). See the module docstring for ``impl``.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"attention: q, k, v must be [B,T,H,D]/[B,S,G,D]; got {q.shape}, {k.shape}, {v.shape}"
+        )
+    b, t, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"attention: k {k.shape} and v {v.shape} must both be [B={b}, S, G, D={d}]")
+    g = k.shape[2]
+    if h % g != 0:
+        raise ValueError(f"attention: {h} query heads are not a multiple of {g} KV heads")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them first"
+        )
+    s = k.shape[1]
+    if (
+        segment_ids_q is None
+        and segment_ids_kv is not None
+        or segment_ids_q is not None
+        and segment_ids_kv is None
+    ):
+        if t != s:
+            raise ValueError("attention: with T != S give both segment_ids_q and segment_ids_kv")
+        segment_ids_q = segment_ids_kv = segment_ids_q if segment_ids_q is not None else segment_ids_kv
+    if segment_ids_q is not None and (segment_ids_q.shape != (b, t) or segment_ids_kv.shape != (b, s)):
+        raise ValueError(
+            f"attention: segment ids {segment_ids_q.shape}/{segment_ids_kv.shape} must be [B,T]=({b},{t})"
+            f" and [B,S]=({b},{s})"
+        )
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    impl = resolve_impl(impl, q, k, causal)
+    if impl == "reference":
+        return reference_attention(
+            q, k, v, attention_mask(segment_ids_q, segment_ids_kv, t, s, causal), scale
+        )
+    if impl in ("xla", "cudnn"):
+        return _jax_nn_attention(q, k, v, segment_ids_q, segment_ids_kv, causal, scale, impl).astype(q.dtype)
+    # splash
+    if t != s:
+        raise ValueError(f"attention impl='splash' needs self-attention (T == S); got T={t}, S={s}")
+    if t % _SPLASH_BLOCK != 0:
+        raise ValueError(f"attention impl='splash' needs T to be a multiple of {_SPLASH_BLOCK}; got {t}")
+    if segment_ids_q is None:
+        segment_ids_q = segment_ids_kv = jnp.ones((b, t), jnp.int32)
+    return _splash(
+        q,
+        k,
+        v,
+        segment_ids_q.astype(jnp.int32),
+        segment_ids_kv.astype(jnp.int32),
+        causal=causal,
+        scale=scale,
+        interpret=splash_interpret,
+    )
