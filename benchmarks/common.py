@@ -42,7 +42,9 @@ def device_info() -> dict:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(h) for h in headers]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    cells = [[str(h) for h in headers]] + [
+        [f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for i, row in enumerate(cells):
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
@@ -54,7 +56,12 @@ def write_results(name: str, payload: dict) -> str:
     """Write ``payload`` plus device info and date to ``benchmarks/results/<name>_<platform>.json``."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
     info = device_info()
-    payload = {"benchmark": name, "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), **info, **payload}
+    payload = {
+        "benchmark": name,
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        **info,
+        **payload,
+    }
     path = os.path.join(RESULTS_DIR, f"{name}_{info['platform']}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -29,8 +29,14 @@ def make_inputs(bsz: int, seq_len: int, heads: int, n: int, seed: int = 0):
     kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
     iclr = 1 / (1 + np.exp(-rng.standard_normal(shape)))
     log_w = -np.exp(-0.5) / (1 + np.exp(-2 * rng.standard_normal(shape)))
-    arrays = (rng.standard_normal(shape) * 0.5, log_w, rng.standard_normal(shape) * 0.5,
-              rng.standard_normal(shape) * 0.5, -kk, kk * iclr)
+    arrays = (
+        rng.standard_normal(shape) * 0.5,
+        log_w,
+        rng.standard_normal(shape) * 0.5,
+        rng.standard_normal(shape) * 0.5,
+        -kk,
+        kk * iclr,
+    )
     return [jnp.asarray(x, jnp.float32) for x in arrays]
 
 
@@ -61,10 +67,14 @@ def main(argv=None) -> None:
         xs = make_inputs(args.batch, seq_len, args.heads, args.head_size)
         res = {}
         for name, (fwd, fwd_bwd) in impls.items():
-            res[name, "fwd"] = time_fn(lambda f=fwd: f(*xs), warmup=1, reps=args.reps)["median_s"]
-            res[name, "fwd_bwd"] = time_fn(lambda f=fwd_bwd: f(*xs), warmup=1, reps=args.reps)["median_s"]
-            print(f"T={seq_len} {name}: fwd {res[name, 'fwd'] * 1e3:.1f} ms, fwd+bwd {res[name, 'fwd_bwd'] * 1e3:.1f} ms",
-                  flush=True)
+            res[name, "fwd"] = time_fn(lambda f=fwd, xs=xs: f(*xs), warmup=1, reps=args.reps)["median_s"]
+            res[name, "fwd_bwd"] = time_fn(lambda f=fwd_bwd, xs=xs: f(*xs), warmup=1, reps=args.reps)[
+                "median_s"
+            ]
+            print(
+                f"T={seq_len} {name}: fwd {res[name, 'fwd'] * 1e3:.1f} ms, fwd+bwd {res[name, 'fwd_bwd'] * 1e3:.1f} ms",
+                flush=True,
+            )
         row = {
             "T": seq_len,
             "reference_fwd_ms": res["reference", "fwd"] * 1e3,
@@ -78,7 +88,9 @@ def main(argv=None) -> None:
         records.append(row)
         rows.append(list(row.values()))
     print()
-    print(f"wkv7 CPU, B={args.batch} H={args.heads} N={args.head_size} chunk={args.chunk_size}, median of {args.reps}")
+    print(
+        f"wkv7 CPU, B={args.batch} H={args.heads} N={args.head_size} chunk={args.chunk_size}, median of {args.reps}"
+    )
     print_table(list(records[0].keys()), rows)
     path = write_results("wkv7_cpu", {"config": vars(args), "rows": records})
     print(f"\nwrote {path}")

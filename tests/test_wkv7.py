@@ -94,7 +94,10 @@ def _loss(impl, chunk, r, log_w, k, v, a, b, s0, co, cs, reset):
     return jnp.sum(o * co) + jnp.sum(s * cs)
 
 
-@pytest.mark.parametrize("name,with_reset", [("realistic", False), ("generic_dplr", True), ("decay_near_zero", False), ("mixed_decays", True)])
+@pytest.mark.parametrize(
+    "name,with_reset",
+    [("realistic", False), ("generic_dplr", True), ("decay_near_zero", False), ("mixed_decays", True)],
+)
 def test_gradients_match_reference_float64(name, with_reset):
     bsz, seq_len, heads, n = 2, 37, 2, 16
     x = make_case(name, bsz, seq_len, heads, n, seed=5)
@@ -118,7 +121,9 @@ def test_gradients_finite_for_extreme_log_w():
     cot = np.random.default_rng(0).standard_normal(x[0].shape).astype(np.float32)
     f = lambda *args: jnp.sum(wkv7(*args, impl="chunked")[0] * cot)
     grads = jax.grad(f, argnums=tuple(range(7)))(*x)
-    g_ref = jax.grad(lambda *args: jnp.sum(wkv7(*args, impl="reference")[0] * cot), argnums=tuple(range(7)))(*x)
+    g_ref = jax.grad(lambda *args: jnp.sum(wkv7(*args, impl="reference")[0] * cot), argnums=tuple(range(7)))(
+        *x
+    )
     for i, (gc, gr) in enumerate(zip(grads, g_ref, strict=True)):
         gc, gr = np.asarray(gc), np.asarray(gr)
         finite = np.isfinite(gr)

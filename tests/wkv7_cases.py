@@ -81,7 +81,11 @@ def numpy_recurrence(r, log_w, k, v, a, b, s0, reset=None):
         if reset is not None:
             s[reset[:, t]] = 0.0
         sa = np.einsum("bhij,bhj->bhi", s, a[:, t])
-        s = s * w[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+        s = (
+            s * w[:, t, :, None, :]
+            + sa[..., None] * b[:, t, :, None, :]
+            + v[:, t, :, :, None] * k[:, t, :, None, :]
+        )
         o[:, t] = np.einsum("bhij,bhj->bhi", s, r[:, t])
     return o, s
 
