@@ -4,7 +4,9 @@ One function, several implementations with identical semantics (``ARCHITECTURE.m
 
 * ``"reference"``: sequential ``lax.scan`` (:mod:`pallas_kernels.wkv7_reference`), float32 or float64;
 * ``"chunked"``: chunked WY form in plain JAX (:mod:`pallas_kernels.wkv7_chunked`), the CPU default;
-* ``"auto"``: the fastest implementation available on the current backend.
+* ``"pallas"``: the same chunked form with its sequential inter-chunk state pass as a Pallas kernel
+  (:mod:`pallas_kernels.wkv7_pallas`; Mosaic on TPU, Triton on GPU, the Pallas interpreter on CPU);
+* ``"auto"``: ``"pallas"`` on TPU and GPU backends, ``"chunked"`` elsewhere.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.wkv7_chunked import wkv7_chunked
+from pallas_kernels.wkv7_pallas import DEFAULT_PALLAS_CHUNK, wkv7_pallas
 from pallas_kernels.wkv7_reference import wkv7_reference
 
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
-IMPLS = ("auto", "reference", "chunked")
-DEFAULT_CHUNK_SIZE = {"chunked": 16}
+IMPLS = ("auto", "reference", "chunked", "pallas")
+DEFAULT_CHUNK_SIZE = {"chunked": 16, "pallas": DEFAULT_PALLAS_CHUNK}
 
 
 def _is_concrete(x: jax.Array) -> bool:
@@ -71,7 +74,7 @@ def _validate(r, log_w, k, v, a, b, initial_state, reset, impl, chunk_size) -> N
 def _resolve_impl(impl: str) -> str:
     if impl != "auto":
         return impl
-    return "chunked"
+    return "pallas" if jax.default_backend() in ("tpu", "gpu") else "chunked"
 
 
 def wkv7(
@@ -98,8 +101,9 @@ def wkv7(
       initial_state: ``[B,H,N,N]`` (zeros when None).
       reset: optional bool ``[B,T]``: True at the first token of a new document in a packed row; the state
         entering that token is zero, so a packed row gives exactly the outputs of each document run alone.
-      impl: ``"auto"``, ``"reference"`` or ``"chunked"``.
-      chunk_size: chunk length for the chunked implementations (default 16).
+      impl: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"pallas"``.
+      chunk_size: chunk length for the chunked implementations (default 16 for ``"chunked"``, 64 for
+        ``"pallas"``, which needs a power of two >= 16).
 
     Returns:
       ``o`` ``[B,T,H,N]`` in r's dtype, and the final state ``[B,H,N,N]`` in float32 (float64 when the
@@ -124,6 +128,8 @@ def _wkv7_jit(r, log_w, k, v, a, b, initial_state, reset, *, impl: str, chunk_si
         initial_state = initial_state.astype(compute)
     if impl == "reference":
         o, state = wkv7_reference(r, log_w, k, v, a, b, initial_state, reset)
+    elif impl == "pallas":
+        o, state = wkv7_pallas(r, log_w, k, v, a, b, initial_state, reset, chunk_size=chunk_size)
     else:
         o, state = wkv7_chunked(r, log_w, k, v, a, b, initial_state, reset, chunk_size=chunk_size)
     return o.astype(out_dtype), state

@@ -29,6 +29,8 @@ chunks at once; stage B is the only sequential part, a ``lax.scan`` over chunks 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,21 +146,39 @@ def unit_lower_inverse(m: jax.Array) -> jax.Array:
     return x
 
 
-def wkv7_chunked(
+class ChunkTerms(NamedTuple):
+    """Stage-A quantities of the chunked form, ``[B,H,NC,...]`` in the compute dtype (see module docstring).
+
+    Stage-B inputs: ``w_wy, u_wy, b_bar`` ``[B,H,NC,L,N]``, ``g`` ``[B,H,NC,N]`` (``e^{Γ_L}``, zero when the
+    chunk holds a reset), ``x_kv = Vᵀ K̄`` ``[B,H,NC,N,N]``.
+    Stage-C inputs: ``r_tilde, v`` ``[B,H,NC,L,N]``, ``m_rb, m_rk`` ``[B,H,NC,L,L]``.
+    """
+
+    w_wy: jax.Array
+    u_wy: jax.Array
+    g: jax.Array
+    b_bar: jax.Array
+    x_kv: jax.Array
+    r_tilde: jax.Array
+    m_rb: jax.Array
+    m_rk: jax.Array
+    v: jax.Array
+
+
+def chunk_terms(
     r: jax.Array,
     log_w: jax.Array,
     k: jax.Array,
     v: jax.Array,
     a: jax.Array,
     b: jax.Array,
-    initial_state: jax.Array,
     reset: jax.Array | None,
-    chunk_size: int = 16,
-) -> tuple[jax.Array, jax.Array]:
-    """Chunked WY form. Inputs ``[B,T,H,N]`` in the compute dtype, ``initial_state`` ``[B,H,N,N]``.
+    chunk_size: int,
+) -> ChunkTerms:
+    """Stage A: every state-independent chunk quantity, all chunks in parallel.
 
-    Any ``T``: the tail is padded with identity steps (ℓ = 0, r = k = v = a = b = 0).
-    Returns ``o`` ``[B,T,H,N]`` and the final state ``[B,H,N,N]``, both in the compute dtype.
+    Inputs ``[B,T,H,N]`` in the compute dtype (any ``T``: the tail is padded with identity steps, ℓ = 0,
+    r = k = v = a = b = 0), ``reset`` bool ``[B,T]`` or None.
     """
     bsz, seq_len, _, _ = r.shape
     chunk = int(chunk_size)
@@ -181,7 +201,6 @@ def wkv7_chunked(
     to_end = (count == count[..., -1:])[..., None]  # row s reaches the outgoing state
     chunk_clear = (count[..., -1] == 0)[..., None]  # the state passes the whole chunk
 
-    # Stage A: state-independent quantities, all chunks in parallel.
     zero_row = jnp.zeros_like(log_w[..., :1, :])
     gamma_incl = jnp.cumsum(log_w, axis=-2)  # Σ_{u≤t}
     gamma_excl = jnp.cumsum(jnp.concatenate([zero_row, log_w[..., :-1, :]], axis=-2), axis=-2)  # Σ_{u<t}
@@ -201,8 +220,24 @@ def wkv7_chunked(
     w_wy = _einsum("...ts,...sn->...tn", t_inv, a_tilde)  # SA = U + W S0ᵀ
     u_wy = _einsum("...ts,...sn->...tn", _einsum("...ts,...su->...tu", t_inv, m_ak), v)
     x_kv = _einsum("...si,...sj->...ij", v, k_bar)  # Vᵀ K̄  [B,H,NC,N,N]
+    return ChunkTerms(w_wy, u_wy, g, b_bar, x_kv, r_tilde, m_rb, m_rk, v)
 
-    # Stage B: the sequential inter-chunk state pass.
+
+def state_pass_scan(
+    w_wy: jax.Array,
+    u_wy: jax.Array,
+    g: jax.Array,
+    b_bar: jax.Array,
+    x_kv: jax.Array,
+    initial_state: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Stage B as a ``lax.scan`` over chunks: ``SA_c = U_c + W_c S_cᵀ``, ``S_{c+1} = S_c ⊙ g_c + SA_cᵀ B̄_c + X_c``.
+
+    Args: ``w_wy, u_wy, b_bar`` ``[B,H,NC,L,N]``, ``g`` ``[B,H,NC,N]``, ``x_kv`` ``[B,H,NC,N,N]``,
+    ``initial_state`` ``[B,H,N,N]``.
+    Returns the state entering each chunk ``[B,H,NC,N,N]``, ``SA`` ``[B,H,NC,L,N]``, the final state ``[B,H,N,N]``.
+    """
+
     def step(s, xs):
         w_c, u_c, g_c, bb_c, x_c = xs
         sa = u_c + _einsum("bhtj,bhij->bhti", w_c, s)  # [B,H,L,N_v]
@@ -211,13 +246,37 @@ def wkv7_chunked(
 
     xs = tuple(jnp.moveaxis(x, 2, 0) for x in (w_wy, u_wy, g, b_bar, x_kv))
     final_state, (s_in, sa) = jax.lax.scan(step, initial_state, xs)
-    s_in, sa = jnp.moveaxis(s_in, 0, 2), jnp.moveaxis(sa, 0, 2)  # [B,H,NC,N,N], [B,H,NC,L,N]
+    return jnp.moveaxis(s_in, 0, 2), jnp.moveaxis(sa, 0, 2), final_state
 
-    # Stage C: outputs, all chunks in parallel.
+
+def chunk_outputs(terms: ChunkTerms, s_in: jax.Array, sa: jax.Array, seq_len: int) -> jax.Array:
+    """Stage C: ``Y_c = R̃ S_cᵀ + M_rb SA_c + M_rk V`` for all chunks at once -> ``o`` ``[B,T,H,N]``."""
     y = (
-        _einsum("...tj,...ij->...ti", r_tilde, s_in)
-        + _einsum("...ts,...si->...ti", m_rb, sa)
-        + _einsum("...ts,...si->...ti", m_rk, v)
+        _einsum("...tj,...ij->...ti", terms.r_tilde, s_in)
+        + _einsum("...ts,...si->...ti", terms.m_rb, sa)
+        + _einsum("...ts,...si->...ti", terms.m_rk, terms.v)
     )
-    o = _from_chunks(y)[:, :seq_len]
-    return o, final_state
+    return _from_chunks(y)[:, :seq_len]
+
+
+def wkv7_chunked(
+    r: jax.Array,
+    log_w: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    initial_state: jax.Array,
+    reset: jax.Array | None,
+    chunk_size: int = 16,
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked WY form. Inputs ``[B,T,H,N]`` in the compute dtype, ``initial_state`` ``[B,H,N,N]``.
+
+    Any ``T``: the tail is padded with identity steps (ℓ = 0, r = k = v = a = b = 0).
+    Returns ``o`` ``[B,T,H,N]`` and the final state ``[B,H,N,N]``, both in the compute dtype.
+    """
+    terms = chunk_terms(r, log_w, k, v, a, b, reset, chunk_size)  # stage A
+    s_in, sa, final_state = state_pass_scan(
+        terms.w_wy, terms.u_wy, terms.g, terms.b_bar, terms.x_kv, initial_state
+    )
+    return chunk_outputs(terms, s_in, sa, r.shape[1]), final_state  # stage C

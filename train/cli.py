@@ -1,0 +1,100 @@
+"""The ``wuneng`` command.
+
+    wuneng train CONFIG.yaml [key=value ...]       train (resumes from run_dir), prints/saves the config
+    wuneng prepare-data INPUT... --out STORE       tokenise a corpus into a token store
+
+Overrides are dotted paths into the config (``optimizer.lr=1e-3``, ``mesh.fsdp=4``, ``model.num_layers=4``),
+values parsed as YAML. Planned subcommands (``eval``, ``generate``, ``compile``, ``params``) register in
+:data:`COMMANDS` the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="training config YAML (e.g. configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from train.config import dump_yaml, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(dump_yaml(cfg))
+        return 0
+    from train.trainer import Trainer
+
+    Trainer(cfg).run()  # a preempted run saved its checkpoint: also a clean exit
+    return 0
+
+
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    from train.data.prepare import build_parser
+
+    build_parser(p)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from train.data.prepare import run
+
+    return run(args)
+
+
+COMMANDS: list[Command] = [
+    ("train", _train_args, _train),
+    ("prepare-data", _prepare_args, _prepare),
+]
+
+_HELP = {
+    "train": "train a model from a YAML config (+ key=value overrides); resumes from run_dir",
+    "prepare-data": "tokenise text/jsonl files or the embedded stdlib corpus into a token store",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wuneng", description="WuNeng (attention + RWKV-7 state) in JAX")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, add_args, fn in COMMANDS:
+        p = sub.add_parser(name, help=_HELP.get(name), description=_HELP.get(name))
+        add_args(p)
+        p.set_defaults(_fn=fn)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``wuneng`` console script; returns the exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `key=value` overrides may follow options (`train c.yaml --dry-run steps=5`)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from train.checkpoint import CheckpointError
+    from train.config import ConfigError
+    from train.data.store import StoreError
+    from train.mesh import MeshError
+
+    try:
+        return int(args._fn(args))
+    except (ConfigError, MeshError, CheckpointError, StoreError) as e:
+        print(f"wuneng {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"wuneng {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The jitted train and eval steps: pure functions of ``(TrainState, batch)``.
+
+Batch (global arrays, sharded ``(activation_batch, activation_length)`` by the rules table)::
+
+    tokens      int32   [B, T]   token ids fed to the model
+    targets     int32   [B, T]   next-token ids
+    segment_ids int32   [B, T]   document id within the packed row (>= 1), 0 = padding
+    positions   int32   [B, T]   position within the document
+    loss_mask   float32 [B, T]   1 where the target counts, 0 elsewhere
+
+Loss: token-mean cross-entropy over ``loss_mask`` of the whole global batch, plus
+``z_loss * mean(logsumexp(logits)^2)`` (PaLM's z-loss) when ``z_loss > 0``. With gradient
+accumulation the batch is split into ``A`` micro-batches (row ``i`` goes to micro-batch ``i % A``,
+so each keeps the batch sharding) and a ``lax.scan`` sums their gradients; the result equals the
+single-batch gradient up to float summation order.
+
+Non-finite loss or gradient norm skips the update: params, optimizer state and model variables
+keep their values (``jnp.where`` on every leaf), the step counter still advances (the batch was
+consumed) and ``metrics["skipped"] = 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from train.config import Rules
+from train.mesh import check_divisible, logical_to_spec
+from train.optimizer import Schedule, update_count
+from train.state import StateLayout, TrainState
+from wuneng_jax import sharding as S
+
+BATCH_KEYS: tuple[str, ...] = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def batch_spec(rules: Rules) -> PartitionSpec:
+    return logical_to_spec((S.BATCH, S.LENGTH), rules)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    return NamedSharding(mesh, batch_spec(rules))
+
+
+def check_batch_shape(global_batch: int, seq_len: int, accum: int, mesh: Mesh, rules: Rules) -> None:
+    """The (micro-)batch and sequence must divide the mesh axes they are sharded over."""
+    spec = batch_spec(rules)
+    check_divisible(
+        (global_batch // accum, seq_len), spec, mesh, f"micro-batch of {global_batch // accum} rows"
+    )
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed CE and summed ``logsumexp^2`` over ``mask``. logits f32 [B,T,V]; targets, mask [B,T]."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum((lse - target_logit) * mask), jnp.sum(jnp.square(lse) * mask)
+
+
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _forward_sums(
+    graphdef: Any, params: Any, rest: Any, batch: Batch, whole_model_remat: str = "none"
+) -> tuple[jax.Array, jax.Array, Any]:
+    def forward(params: Any, rest: Any, batch: Batch) -> tuple[jax.Array, Any]:
+        model = nnx.merge(graphdef, params, rest)
+        logits = model(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        return logits, new_rest
+
+    if whole_model_remat != "none":
+        forward = jax.checkpoint(forward, policy=REMAT_POLICIES[whole_model_remat])
+    logits, new_rest = forward(params, rest, batch)
+    ce_sum, z_sum = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    return ce_sum, z_sum, new_rest
+
+
+def _split_micro(batch: Batch, accum: int, rules: Rules) -> Batch:
+    """[B, ...] -> [A, B/A, ...] with row i in micro-batch i % A (keeps each shard local)."""
+
+    def split(x: jax.Array) -> jax.Array:
+        b = x.shape[0]
+        y = x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        names = (None, S.BATCH, S.LENGTH) + (None,) * (x.ndim - 2)
+        return S.constrain(y, names)
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def _select(pred: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def make_train_step(
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    schedule: Schedule,
+    *,
+    accum_steps: int = 1,
+    z_loss: float = 0.0,
+    rules: Rules = S.DEFAULT_RULES,
+    whole_model_remat: str = "none",
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The pure train step (un-jitted; see :func:`jit_train_step`).
+
+    ``whole_model_remat`` wraps the whole forward pass in ``jax.checkpoint`` with that policy: the
+    fallback for model families without a per-layer ``remat`` config field (per-layer remat, done
+    by the model, is what saves memory at scale).
+    """
+
+    def objective(params: Any, rest: Any, batch: Batch, n_tokens: jax.Array):
+        ce_sum, z_sum, new_rest = _forward_sums(graphdef, params, rest, batch, whole_model_remat)
+        return (ce_sum + z_loss * z_sum) / n_tokens, (ce_sum, z_sum, new_rest)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        batch = {k: batch[k] for k in BATCH_KEYS}
+        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        if accum_steps == 1:
+            (_, (ce_sum, z_sum, rest)), grads = grad_fn(state.params, state.rest, batch, n_tokens)
+        else:
+            micro = _split_micro(batch, accum_steps, rules)
+
+            def body(carry, mb):
+                g_acc, ce_acc, z_acc, rest = carry
+                (_, (ce, z, rest)), g = grad_fn(state.params, rest, mb, n_tokens)
+                return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, z_acc + z, rest), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), state.rest)
+            (grads, ce_sum, z_sum, rest), _ = jax.lax.scan(body, init, micro)
+        loss = ce_sum / n_tokens
+        grad_norm = optax.tree.norm(grads)
+        count = update_count(state.opt_state)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(z_sum)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=_select(finite, params, state.params),
+            opt_state=_select(finite, opt_state, state.opt_state),
+            rest=_select(finite, rest, state.rest),
+            rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)),
+        )
+        metrics = {
+            "loss": loss,
+            "z_loss": z_sum / n_tokens,
+            "grad_norm": grad_norm,
+            "lr": schedule(count),
+            "skipped": (~finite).astype(jnp.int32),
+            "loss_tokens": n_tokens,
+        }
+        return new_state, metrics
+
+    return step
+
+
+def jit_train_step(
+    step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+    layout: StateLayout,
+    mesh: Mesh,
+    rules: Rules,
+):
+    """``jax.jit`` with explicit shardings; the input state is donated (updated in place)."""
+    bs = batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sh = {k: bs for k in BATCH_KEYS}
+    return jax.jit(
+        step,
+        in_shardings=(layout.shardings, batch_sh),
+        out_shardings=(layout.shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(graphdef: Any) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+    """Summed CE and token count of one batch (sum over batches, divide at the end)."""
+
+    def step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        batch = {k: batch[k] for k in BATCH_KEYS}
+        ce_sum, _, _ = _forward_sums(graphdef, state.params, state.rest, batch)
+        return {"ce_sum": ce_sum, "loss_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
+
+    return step
+
+
+def jit_eval_step(step, layout: StateLayout, mesh: Mesh, rules: Rules):
+    bs = batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(layout.shardings, {k: bs for k in BATCH_KEYS}),
+        out_shardings=replicated,
+    )

@@ -1,0 +1,492 @@
+"""The training loop: set up the mesh, model, optimizer, data and checkpoints, then run steps.
+
+Follow one batch: ``train.data`` yields a host-local numpy batch -> ``make_global_batch`` makes the
+global sharded arrays -> the jitted step (``train.train_step``) updates the donated ``TrainState`` ->
+metrics are read one step late (so the host never stalls the device) -> ``train.metrics`` writes
+them -> every ``checkpoint.interval`` steps ``train.checkpoint`` saves state + data position.
+
+Resume: with ``checkpoint.resume`` (default) a run directory holding checkpoints continues from the
+newest one (model, optimizer, step, RNG and data position), so an interrupted run reproduces the
+uninterrupted one step for step. SIGTERM (preemption) sets a flag; the loop finishes the current
+step, saves, and returns with ``preempted=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from train import checkpoint as ckpt_lib
+from train.config import ConfigError, TrainConfig, dump_yaml
+from train.mesh import describe, initialize_distributed, make_mesh, mesh_context
+from train.metrics import (
+    MetricsWriter,
+    Throughput,
+    device_peak_flops,
+    flops_dims,
+    flops_per_token,
+    format_line,
+    truncate_jsonl,
+)
+from train.optimizer import make_optimizer
+from train.state import count_params, init_state, make_layout, param_shapes
+from train.train_step import (
+    BATCH_KEYS,
+    batch_spec,
+    check_batch_shape,
+    jit_eval_step,
+    jit_train_step,
+    make_eval_step,
+    make_train_step,
+)
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Model config
+
+
+def resolve_model_config(spec: Any, *, dtype: str, remat: str) -> tuple[Any, str]:
+    """The model config for ``spec`` with the run's compute dtype (and remat policy) applied.
+
+    Returns ``(model_cfg, whole_model_remat)``: families whose config has a ``remat`` field remat
+    per layer; for the others the train step falls back to rematerialising the whole forward pass.
+    """
+    from wuneng_jax import config as mc
+
+    try:
+        if isinstance(spec, str):
+            cfg = mc.load_model_config(spec)
+        else:
+            spec = dict(spec)
+            if "family" not in spec and "preset" in spec:
+                spec["family"] = mc.family_of(mc.preset(spec["preset"]))
+            cfg = mc.load_model_config(spec)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        raise ConfigError(f"config field `model`: {e}") from e
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    param_dtype = getattr(cfg, "param_dtype", "float32")
+    if param_dtype != "float32":
+        raise ConfigError(
+            f"config field `model.param_dtype`: {param_dtype!r}; training keeps float32 master weights, "
+            "set model.param_dtype=float32 (the compute dtype is the top-level `dtype`)"
+        )
+    updates: dict[str, Any] = {}
+    if "dtype" in fields:
+        updates["dtype"] = dtype
+    elif dtype != "float32":
+        raise ConfigError(
+            f"config field `dtype`: model family {mc.family_of(cfg)!r} has no compute dtype option"
+        )
+    whole_model_remat = "none"
+    if "remat" in fields:
+        updates["remat"] = remat
+    elif remat != "none":
+        whole_model_remat = remat
+        log.warning(
+            "model family %s has no per-layer remat option; rematerialising the whole forward pass (%s)",
+            mc.family_of(cfg),
+            remat,
+        )
+    if updates:
+        cfg = dataclasses.replace(cfg, **updates)
+    return cfg, whole_model_remat
+
+
+def model_config_dict(model_cfg: Any) -> dict[str, Any]:
+    from wuneng_jax.config import config_to_dict
+
+    return config_to_dict(model_cfg)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunResult:
+    start_step: int  # steps already done when this run started (resumed from)
+    final_step: int  # steps done when it returned
+    losses: dict[int, float]  # step number (1-based) -> train loss
+    skipped: list[int]  # steps whose update was skipped (non-finite)
+    eval_loss: float | None
+    sample: str | None
+    preempted: bool
+
+
+class Trainer:
+    """One training run described by a :class:`TrainConfig`.
+
+    ``echo`` prints user-facing lines (primary process only). ``model_builder`` (tests) replaces
+    ``wuneng_jax.models.build_model``.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        echo: Callable[[str], None] | None = None,
+        model_builder: Callable[..., Any] | None = None,
+    ):
+        initialize_distributed(cfg.distributed)
+        self.cfg = cfg
+        self.primary = jax.process_index() == 0
+        self._echo = echo or (lambda s: print(s, flush=True))
+        self.run_dir = Path(cfg.run_dir)
+        self.model_cfg, whole_model_remat = resolve_model_config(cfg.model, dtype=cfg.dtype, remat=cfg.remat)
+        if model_builder is None:
+            from wuneng_jax.models import build_model
+
+            model_builder = build_model
+        self._build = lambda rngs: model_builder(self.model_cfg, rngs=rngs)
+        self.resolved = dataclasses.replace(cfg, model=model_config_dict(self.model_cfg))
+
+        # Mesh and shapes
+        self.mesh = make_mesh(cfg.mesh)
+        self.rules = cfg.rules
+        n_proc = jax.process_count()
+        if cfg.global_batch_size % n_proc:
+            raise ConfigError(
+                f"config field `global_batch_size`: {cfg.global_batch_size} is not divisible by the "
+                f"{n_proc} processes"
+            )
+        self.local_batch = cfg.global_batch_size // n_proc
+        check_batch_shape(cfg.global_batch_size, cfg.seq_len, cfg.grad_accum_steps, self.mesh, self.rules)
+
+        # Optimizer, state layout, step functions
+        self.tx, self.schedule = make_optimizer(cfg.optimizer, cfg.steps)
+        self.layout = make_layout(self._build, self.tx, self.mesh, self.rules, cfg.seed)
+        self.n_params = count_params(self.layout.abstract.params)
+        self.param_shapes = param_shapes(self.layout.abstract.params)
+        step = make_train_step(
+            self.layout.graphdef,
+            self.tx,
+            self.schedule,
+            accum_steps=cfg.grad_accum_steps,
+            z_loss=cfg.z_loss,
+            rules=self.rules,
+            whole_model_remat=whole_model_remat,
+        )
+        self.train_step = jit_train_step(step, self.layout, self.mesh, self.rules)
+        self.eval_step = jit_eval_step(
+            make_eval_step(self.layout.graphdef), self.layout, self.mesh, self.rules
+        )
+
+        # FLOPs / MFU
+        dims = flops_dims(self.model_cfg, self.n_params)
+        self.flops = flops_per_token(dims, cfg.seq_len)
+        kind = jax.devices()[0].device_kind
+        self.peak = device_peak_flops(kind)
+        self.throughput = Throughput(self.flops["total"], cfg.tokens_per_step, jax.device_count(), self.peak)
+
+        self.checkpointer = ckpt_lib.Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
+        self._stop_requested = False
+
+    # ---- helpers
+    def echo(self, text: str) -> None:
+        if self.primary:
+            self._echo(text)
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "config": self.resolved.to_dict(),
+            "model_config": model_config_dict(self.model_cfg),
+            "param_shapes": self.param_shapes,
+            "n_params": self.n_params,
+            "process_count": jax.process_count(),
+        }
+
+    def _open_data(self):
+        from train.data import pipeline
+        from train.data.store import TokenStore
+
+        d = self.cfg.data
+        if d.prepare:
+            self._maybe_prepare()
+        store = TokenStore(d.store, "train")
+        vocab = int(getattr(self.model_cfg, "vocab_size", store.vocab_size))
+        if store.vocab_size > vocab:
+            raise ConfigError(
+                f"config field `model.vocab_size`: the token store {d.store!r} has vocabulary size "
+                f"{store.vocab_size} but the model only {vocab}; set model.vocab_size >= {store.vocab_size}"
+            )
+        self.store = store
+        seed = self.cfg.seed if d.seed is None else d.seed
+        train_it = pipeline.train_iterator(
+            store,
+            seq_len=self.cfg.seq_len,
+            local_batch=self.local_batch,
+            seed=seed,
+            shuffle=d.shuffle,
+            num_threads=d.num_threads,
+            prefetch=d.prefetch,
+        )
+        eval_ds = None
+        eval_store = TokenStore(d.store, "eval")
+        if eval_store.num_tokens > 0:
+            eval_ds = pipeline.eval_batches(
+                eval_store,
+                seq_len=self.cfg.seq_len,
+                local_batch=self.local_batch // self.cfg.grad_accum_steps,
+                max_batches=self.cfg.eval.batches,
+                num_threads=d.num_threads,
+                prefetch=d.prefetch,
+            )
+        return train_it, eval_ds
+
+    def _maybe_prepare(self) -> None:
+        from train.data import prepare as prep
+        from train.data.store import read_manifest
+
+        d = self.cfg.data
+        if self.primary and read_manifest(d.store) is None:
+            self.echo(f"preparing the token store {d.store} from {list(d.prepare)} ...")
+            kwargs = {}
+            if d.stdlib_max_files is not None:
+                kwargs["stdlib_max_files"] = d.stdlib_max_files
+            if d.stdlib_max_bytes is not None:
+                kwargs["stdlib_max_bytes"] = d.stdlib_max_bytes
+            manifest = prep.prepare(
+                list(d.prepare),
+                d.store,
+                d.tokenizer,
+                eval_fraction=d.eval_fraction,
+                progress=self.cfg.log.progress,
+                **kwargs,
+            )
+            self.echo(prep.summary(d.store, manifest))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("wuneng data prepared")
+
+    def _global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        from train.data.pipeline import make_global_batch
+
+        return make_global_batch({k: local[k] for k in BATCH_KEYS}, self.mesh, batch_spec(self.rules))
+
+    def _stop_agreed(self) -> bool:
+        flag = self._stop_requested
+        if jax.process_count() > 1:
+            flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+    def request_stop(self, *_: Any) -> None:
+        """Ask the loop to save and return after the current step (the SIGTERM handler)."""
+        self._stop_requested = True
+
+    def evaluate(self, state, eval_ds) -> float | None:
+        """Token-mean CE over the held-out batches (None without an eval split)."""
+        if eval_ds is None:
+            return None
+        ce, n = 0.0, 0.0
+        with mesh_context(self.mesh, self.rules):
+            outs = [self.eval_step(state, self._global_batch(b)) for b in eval_ds]
+        for o in jax.device_get(outs):
+            ce += float(o["ce_sum"])
+            n += float(o["loss_tokens"])
+        return ce / n if n else None
+
+    # ---- the run
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        if self.primary:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            text = dump_yaml(self.resolved)
+            (self.run_dir / "config.yaml").write_text(text)
+            self.echo("resolved config (saved to " + str(self.run_dir / "config.yaml") + "):\n" + text)
+        self.echo(
+            f"mesh {describe(self.mesh)} on {jax.device_count()} {jax.devices()[0].device_kind} device(s), "
+            f"{jax.process_count()} process(es); model {self.n_params:,} params; "
+            f"{self.flops['total'] / 1e6:,.2f} MFLOP/token (dense {self.flops['dense'] / 1e6:,.2f}, "
+            f"attention {self.flops['attention'] / 1e6:,.2f}, state {self.flops['state'] / 1e6:,.2f})"
+        )
+
+        try:
+            train_it, eval_ds = self._open_data()
+            existing = self.checkpointer.latest_step()
+            if existing is not None and not cfg.checkpoint.resume:
+                raise ConfigError(
+                    f"config field `checkpoint.resume`: false, but {self.checkpointer.directory} already holds "
+                    f"checkpoints (newest: step {existing}); choose a new run_dir, delete them, or resume"
+                )
+            if existing is not None:
+                restored = self.checkpointer.restore(existing, self.layout, self._meta())
+                state = restored.state
+                train_it.set_state(restored.data_state)
+                self.echo(f"resumed from {self.checkpointer.directory / str(existing)} (step {existing})")
+            else:
+                state = init_state(self._build, self.tx, self.mesh, self.rules, cfg.seed, self.layout)
+        except BaseException:
+            self.checkpointer.close()
+            raise
+        latest = existing
+        start = int(jax.device_get(state.step))
+        if self.primary:
+            truncate_jsonl(self.run_dir / "metrics.jsonl", start)
+        writer = MetricsWriter(
+            self.run_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard, primary=self.primary
+        )
+
+        progress = None
+        if self.primary and cfg.log.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(
+                total=cfg.steps,
+                initial=start,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                smoothing=0.1,
+            )
+
+        def out(text: str) -> None:
+            if progress is not None:
+                progress.write(text)
+            else:
+                self.echo(text)
+
+        losses: dict[int, float] = {}
+        skipped: list[int] = []
+        first_recorded = [False]
+
+        def record(step_no: int, metrics: Any) -> None:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            values["skipped"] = int(values["skipped"])
+            losses[step_no] = values["loss"]
+            if values["skipped"]:
+                skipped.append(step_no)
+                out(f"step {step_no}: non-finite loss/gradient, update skipped")
+            if not first_recorded[0]:
+                first_recorded[0] = True
+                self.throughput.start()  # exclude compilation from the first window
+            else:
+                self.throughput.tick()
+            if step_no % cfg.log.interval == 0 or step_no == cfg.steps:
+                window = self.throughput.read()
+                if window:
+                    values.update(window)
+                out(format_line(step_no, cfg.steps, values))
+                if progress is not None:
+                    progress.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+            writer.write(step_no, "train", values)
+            if progress is not None:
+                progress.update(1)
+
+        stop_handler_installed = False
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            previous_handler = signal.signal(signal.SIGTERM, self.request_stop)
+            stop_handler_installed = True
+
+        preempted = False
+        last_saved = latest
+        eval_loss = None
+        profiling = False
+        prof = cfg.profiler
+        try:
+            pending: tuple[int, Any] | None = None
+            done = start
+            for s in range(start, cfg.steps):
+                if prof.start_step >= 0 and s == prof.start_step and not profiling:
+                    jax.profiler.start_trace(str(self.run_dir / "profile"))
+                    profiling = True
+                local = next(train_it)
+                with mesh_context(self.mesh, self.rules):
+                    state, metrics = self.train_step(state, self._global_batch(local))
+                done = s + 1
+                if pending is not None:
+                    record(*pending)
+                pending = (done, metrics)
+                if profiling and done >= prof.start_step + prof.num_steps:
+                    jax.block_until_ready(metrics)
+                    jax.profiler.stop_trace()
+                    profiling = False
+                    out(
+                        f"profile of steps {prof.start_step}..{done - 1} written to {self.run_dir / 'profile'}"
+                    )
+                if cfg.eval.interval and done % cfg.eval.interval == 0 and done < cfg.steps:
+                    record(*pending)
+                    pending = None
+                    ev = self.evaluate(state, eval_ds)
+                    if ev is not None:
+                        writer.write(done, "eval", {"loss": ev})
+                        out(f"step {done}/{cfg.steps} | eval loss {ev:.4f}")
+                    self.throughput.start()
+                stop = self._stop_agreed()
+                if done % cfg.checkpoint.interval == 0 or stop:
+                    if pending is not None:
+                        record(*pending)
+                        pending = None
+                    self.checkpointer.save(done, state, train_it.get_state(), self._meta())
+                    last_saved = done
+                if stop:
+                    preempted = True
+                    out(
+                        f"stop requested (SIGTERM): saved step {done} to {self.checkpointer.directory}; exiting"
+                    )
+                    break
+            if pending is not None:
+                record(*pending)
+            if profiling:
+                jax.profiler.stop_trace()
+            if last_saved != done:
+                self.checkpointer.save(done, state, train_it.get_state(), self._meta())
+            self.checkpointer.wait()
+            if not preempted and cfg.eval.at_end:
+                eval_loss = self.evaluate(state, eval_ds)
+                if eval_loss is not None:
+                    writer.write(done, "eval", {"loss": eval_loss})
+                    out(f"final eval loss {eval_loss:.4f} (held-out split)")
+            sample = None
+            if not preempted and cfg.eval.sample_tokens > 0:
+                sample = self._sample(state)
+                out("sample:\n" + sample)
+        finally:
+            if progress is not None:
+                progress.close()
+            writer.close()
+            if stop_handler_installed:
+                signal.signal(signal.SIGTERM, previous_handler)
+            self.checkpointer.close()
+        return RunResult(
+            start_step=start,
+            final_step=done,
+            losses=losses,
+            skipped=skipped,
+            eval_loss=eval_loss,
+            sample=sample if not preempted else None,
+            preempted=preempted,
+        )
+
+    def _sample(self, state) -> str:
+        from train.sample import generate
+
+        tok = self.store.tokenizer()
+        e = self.cfg.eval
+        prompt = tok.encode(e.sample_prompt) if e.sample_prompt else []
+        t0 = time.perf_counter()
+        ids = generate(
+            self.layout.graphdef,
+            state.params,
+            state.rest,
+            prompt,
+            e.sample_tokens,
+            window=self.cfg.seq_len,
+            temperature=e.sample_temperature,
+            seed=self.cfg.seed,
+            pad_id=self.store.eos_id,
+            vocab_limit=self.store.vocab_size,
+        )
+        log.info("sampled %d tokens in %.1fs", len(ids), time.perf_counter() - t0)
+        return e.sample_prompt + tok.decode(ids)
