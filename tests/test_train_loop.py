@@ -120,6 +120,8 @@ def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(runs):
     assert sorted(resumed.losses) == list(range(k + 1, runs["total"] + 1))
     for step, loss in resumed.losses.items():
         assert loss == pytest.approx(ref.losses[step], abs=1e-6), step
+    diff = max(abs(loss - ref.losses[s]) for s, loss in {**runs["first_part"], **resumed.losses}.items())
+    print(f"preempted at step {k + 1}, resumed from {k}: max |loss difference| {diff:.3g} vs uninterrupted")
     # the run directory's history reads as one run
     assert train_losses(runs["tmp"] / "b") == pytest.approx(ref.losses, abs=1e-6)
 
@@ -211,5 +213,6 @@ def test_two_process_distributed_run_trains_and_checkpoints(runs, store, tmp_pat
     # the same global batches as the 1-process run (rows split across hosts), same losses
     losses = train_losses(run_dir)
     assert sorted(losses) == [1, 2, 3, 4]
-    for step, loss in losses.items():
-        assert loss == pytest.approx(runs["ref"].losses[step], abs=2e-5), step
+    diff = max(abs(loss - runs["ref"].losses[step]) for step, loss in losses.items())
+    print(f"2-process vs 1-process: max |loss difference| {diff:.3g} over {len(losses)} steps")
+    assert diff < 2e-5

@@ -134,6 +134,10 @@ def test_one_device_equals_eight_sharded_devices(one_device, eight_devices):
     l8 = np.array([m["loss"] for m in eight_devices["metrics"]])
     finite = np.isfinite(l1)
     assert np.array_equal(finite, np.isfinite(l8))
+    print(
+        f"1 vs 8 devices: max |loss diff| {np.max(np.abs(l1[finite] - l8[finite])):.3g}, "
+        f"max |param diff| {_max_diff(one_device['params'], eight_devices['params']):.3g}"
+    )
     assert np.max(np.abs(l1[finite] - l8[finite])) < LOSS_TOL
     g1 = np.array([m["grad_norm"] for m in one_device["metrics"]])[finite]
     g8 = np.array([m["grad_norm"] for m in eight_devices["metrics"]])[finite]
