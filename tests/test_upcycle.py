@@ -10,14 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from wuneng_cases import COMBOS, HYBRID, QCFG, combo_id, maxabs, random_qwen2, tokens
+from wuneng_cases import COMBOS, HYBRID, QCFG, SEG, B, T, combo_id, maxabs, random_qwen2, tokens
 
 from wuneng_jax.convert.upcycle import upcycle_qwen2
 from wuneng_jax.models.qwen2 import Qwen2DecoderLayer
 from wuneng_jax.models.wuneng import WuNengDecoderLayer, hybrid_param_names
 
-TOK = tokens(1, 2, 21)
-SEG = np.array([[1] * 9 + [2] * 12, [1] * 21], np.int32)
+TOK = tokens(1, B, T)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +41,8 @@ def test_upcycled_logits_equal_source_float32(source, combo):
 
 
 @pytest.mark.parametrize("fusion", ["concat", "add", "gate", "full"])
-@pytest.mark.parametrize("sq, sv", [(True, "attention_value"), (False, "attention_output")], ids=["sq", "ao"])
-def test_upcycled_logits_equal_source_float64(fusion, sq, sv):
+def test_upcycled_logits_equal_source_float64(fusion):
+    sq, sv = (False, "attention_output") if fusion == "gate" else (True, "attention_value")
     with jax.enable_x64(True):
         qcfg = dataclasses.replace(QCFG, dtype="float64", param_dtype="float64")
         qwen = random_qwen2(4, qcfg)
@@ -54,16 +53,13 @@ def test_upcycled_logits_equal_source_float64(fusion, sq, sv):
     assert maxabs(got, ref) <= 1e-13 * float(np.abs(ref).max())
 
 
-def test_upcycled_logits_equal_source_jit_default_kernel(source):
-    """The default wkv7 path (auto -> chunked) under jit, tied head, hybrid layers subset."""
+def test_upcycled_tied_head_and_layer_subset():
     qcfg = dataclasses.replace(QCFG, tie_word_embeddings=True, num_layers=3)
     qwen = random_qwen2(5, qcfg)
-    fwd = nnx.jit(lambda m, t, s: m(t, s))
-    ref = np.asarray(fwd(qwen, jnp.asarray(TOK), jnp.asarray(SEG)))
-    hyb = {k: v for k, v in HYBRID.items() if k != "wkv_impl"}
-    cfg, model = upcycle_qwen2(qwen, qcfg, hybrid_layers=[0, 2], **hyb)
-    assert cfg.wkv_impl == "auto" and model.lm_head is None
-    got = np.asarray(fwd(model, jnp.asarray(TOK), jnp.asarray(SEG)))
+    ref = np.asarray(qwen(jnp.asarray(TOK), jnp.asarray(SEG)))
+    cfg, model = upcycle_qwen2(qwen, qcfg, hybrid_layers=[0, 2], **HYBRID)
+    assert model.lm_head is None and cfg.hybrid_layer_ids == (0, 2)
+    got = np.asarray(model(jnp.asarray(TOK), jnp.asarray(SEG)))
     assert maxabs(got, ref) <= 1e-6 * float(np.abs(ref).max())
 
 

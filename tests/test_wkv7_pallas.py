@@ -158,7 +158,8 @@ GRAD_CASES = [
 
 
 def test_pallas_gradients_match_reference_float64():
-    """All seven input gradients vs autodiff of the sequential scan, float64, with and without resets."""
+    """All seven input gradients vs autodiff of the sequential scan: float64 (rounding only) with and without
+    resets, and float32 within the forward tolerance."""
     bsz, seq_len, heads, n = 1, 37, 2, 16
     argnums = tuple(range(7))
     with jax.enable_x64(True):
@@ -171,9 +172,15 @@ def test_pallas_gradients_match_reference_float64():
             cs = rng.standard_normal((bsz, heads, n, n))
             reset = (rng.random((bsz, seq_len)) < 0.1) if with_reset else np.zeros((bsz, seq_len), bool)
             args = [jnp.asarray(v, jnp.float64) for v in (*x, co, cs)] + [jnp.asarray(reset)]
-            for label, gp, gr in zip(LABELS, grad_pallas(*args), grad_ref(*args), strict=True):
+            g_ref = grad_ref(*args)
+            for label, gp, gr in zip(LABELS, grad_pallas(*args), g_ref, strict=True):
                 assert gp.dtype == jnp.float64
                 assert rel_err(gp, gr) < TOL_F64, (name, label, rel_err(gp, gr))
+        # float32 (what runs on hardware): one case, every gradient against the float64 truth
+        args32 = [jnp.asarray(v, jnp.float32) for v in args[:9]] + [args[9]]
+        for label, gp, gr in zip(LABELS, grad_pallas(*args32), g_ref, strict=True):
+            assert gp.dtype == jnp.float32
+            assert rel_err(gp, gr) < TOL_F32, (label, rel_err(gp, gr))
 
 
 def test_pallas_bfloat16_inputs():
@@ -239,3 +246,25 @@ def test_tpu_lowering_with_chunk_groups():
     fwd = lambda *a: wkv7_pallas(*a, jnp.zeros((1, 2, 64, 64)), None, chunk_size=16, config=cfg)
     loss = lambda *a: jnp.sum(fwd(*a)[0])
     assert _lowered_text(jax.grad(loss, argnums=tuple(range(6))), args, "tpu").count(TPU_CALL) == 2
+
+
+def test_tpu_aot_compile_with_libtpu():
+    """Full TPU compile (Mosaic's own passes: layouts, VMEM budget) of both state-pass kernels for a v5e topology,
+    ahead of time on a CPU host. Needs libtpu (``pip install libtpu==0.0.42.*``, the version jax 0.10.2 pins);
+    skipped where it is not installed."""
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+
+    device = topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    bsz, heads, num_chunks, chunk, n = 2, 3, 4, 64, 64
+    shapes = [(bsz, heads, num_chunks, chunk, n)] * 2 + [
+        (bsz, heads, num_chunks, n),
+        (bsz, heads, num_chunks, chunk, n),
+    ]
+    shapes += [(bsz, heads, num_chunks, n, n), (bsz, heads, n, n)]
+    args = [jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding) for shape in shapes]
+    cfg = StatePassConfig(chunks_per_step=2)
+    loss = lambda *xs: sum(jnp.sum(out) for out in state_pass(*xs, cfg))
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)))).trace(*args).lower().compile()
+    assert compiled.as_text().count("tpu_custom_call") == 2

@@ -20,7 +20,7 @@ from wuneng_jax.models.wuneng import WuNeng, WuNengConfig, hybrid_param_names
 # GQA ratio 2, head_dim 16, distinct LoRA ranks (swapped ranks would fail shape checks), T not a
 # multiple of the chunk size.
 QCFG = Qwen2Config(
-    vocab_size=97,
+    vocab_size=96,  # divisible by the test meshes' axes
     hidden_size=64,
     num_layers=2,
     num_heads=4,
@@ -37,6 +37,12 @@ HYBRID = dict(
     middle_out_rank=5,
     wkv_impl="reference",
 )
+
+#: The one input shape of the eager tests (compiled primitives are cached per shape, across test files).
+B, T = 2, 19
+TOK_SHAPE = (B, T)
+#: Packed rows: two and three documents.
+SEG = np.array([[1] * 7 + [2] * 12, [1] * 4 + [2] * 9 + [3] * 6], np.int32)
 
 #: (fusion, state_query, state_value): every valid combination.
 COMBOS: tuple[tuple[str, bool, str], ...] = tuple(
@@ -65,13 +71,12 @@ def randomize(model: nnx.Module, seed: int, only: set[str] | None = None, scale:
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = path[-1]
         shape = var.shape
-        dtype = var[...].dtype
         if only is not None:
             if name not in only:
                 continue
             fan = shape[-2] if len(shape) >= 2 else 1
             noise = rng.standard_normal(shape) / np.sqrt(fan)
-            var.set_value(jax.numpy.asarray(np.asarray(var[...], np.float64) + scale * noise, dtype))
+            var.set_value(jax.numpy.asarray(np.asarray(var[...], np.float64) + scale * noise, var.dtype))
             continue
         if name == "scale":
             val = 1.0 + 0.2 * rng.standard_normal(shape)
@@ -81,13 +86,18 @@ def randomize(model: nnx.Module, seed: int, only: set[str] | None = None, scale:
             val = rng.standard_normal(shape)
         else:
             val = rng.standard_normal(shape) / np.sqrt(shape[0])
-        var.set_value(jax.numpy.asarray(val.astype(np.float32), dtype))
+        var.set_value(jax.numpy.asarray(val.astype(np.float32), var.dtype))
+
+
+def random_model(cls: type, cfg: Any, seed: int) -> nnx.Module:
+    """``cls(cfg)`` with every parameter random; built abstractly then filled (no eager init ops)."""
+    model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed)))
+    randomize(model, seed)
+    return model
 
 
 def random_qwen2(seed: int = 0, qcfg: Qwen2Config = QCFG) -> Qwen2:
-    model = Qwen2(qcfg, rngs=nnx.Rngs(seed))
-    randomize(model, seed)
-    return model
+    return random_model(Qwen2, qcfg, seed)
 
 
 def perturb_new(model: WuNeng, cfg: WuNengConfig, seed: int, scale: float = 0.5) -> None:

@@ -25,6 +25,7 @@ object with an ``args`` tuple (lm-eval's ``Instance``), which the tests use.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -88,7 +89,9 @@ class WuNengLM(_LMBase):  # type: ignore[misc, valid-type]
                 raise ValueError("WuNengLM: give pretrained=<model source> (or loaded=LoadedModel)")
             loaded = load_model(pretrained, dtype=dtype, step=None if step is None else int(step), seed=int(seed))
         self.loaded = loaded
-        self.tok = tokenizer if hasattr(tokenizer, "encode") else load_tokenizer_for(loaded, tokenizer)
+        if tokenizer is None or isinstance(tokenizer, str | os.PathLike):
+            tokenizer = load_tokenizer_for(loaded, None if tokenizer is None else os.fspath(tokenizer))
+        self.tok = tokenizer
         if str(batch_size).startswith("auto"):
             batch_size = 8
         self.batch_size = int(batch_size)

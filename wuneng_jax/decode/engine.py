@@ -7,7 +7,7 @@
   :meth:`Decoder.generate`, so a handful of compiles serve any prompts);
 * ``step(tokens, state)``: one compile per ``(B, S_max)``, reused for every generated token.
 
-The decode state is donated to each call on accelerators (updated in place).
+The decode state is donated to each call (updated in place): always continue with the returned state.
 
 ``Decoder.generate(prompts, ...)`` runs prefill, then one jitted ``decode step + sample`` per token,
 checking stop tokens on the host after every step and streaming tokens to ``on_token``.
@@ -49,8 +49,7 @@ class Decoder:
         self.family = families.model_family(model)
         self.cfg = model.cfg
         self.graphdef, self.params = nnx.split(model)
-        donate = jax.default_backend() != "cpu"  # CPU cannot reuse donated buffers (it would warn)
-        dn = ("state",) if donate else ()
+        dn = ("state",)  # the decode state is updated in place: callers must use the returned one
         self._init = jax.jit(self._init_fn, static_argnums=(0, 1))
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("last_only",), donate_argnames=dn)
         self._extend = jax.jit(self._extend_fn, static_argnames=("last_only",), donate_argnames=dn)
@@ -123,7 +122,7 @@ class Decoder:
         prompts: Sequence[Sequence[int]],
         *,
         max_new_tokens: int,
-        sampling: SamplingConfig = SamplingConfig(),
+        sampling: SamplingConfig | None = None,
         stop_tokens: Sequence[int] = (),
         seed: int = 0,
         on_token: TokenCallback | None = None,
@@ -138,6 +137,7 @@ class Decoder:
         ``on_token`` returns True for it, or after ``max_new_tokens``. Deterministic for a given
         ``seed`` and batch (greedy when ``sampling.temperature == 0``).
         """
+        sampling = SamplingConfig() if sampling is None else sampling
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
         vocab = int(self.cfg.vocab_size)
@@ -153,7 +153,9 @@ class Decoder:
         state = self.init_state(b, t + max_new_tokens - 1)
         key = jax.random.PRNGKey(seed)
         kw = dict(sampling=sampling, vocab_limit=vocab_limit)
-        tok, state = self._prefill_sample(self.params, jnp.asarray(tokens), jnp.asarray(valid), state, key, **kw)
+        tok, state = self._prefill_sample(
+            self.params, jnp.asarray(tokens), jnp.asarray(valid), state, key, **kw
+        )
         stops = {int(s) for s in stop_tokens}
         out: list[list[int]] = [[] for _ in range(b)]
         reasons = ["length"] * b

@@ -8,8 +8,9 @@ Two modes, one function per family (:func:`forward`):
              ``[0, T)`` and the recurrent state after the last token is kept.
 ``extend``   continue a sequence by ``T >= 1`` real tokens per row (``T = 1``: one decode step): keys and
              values are written at slots ``[index, index + T)`` and every query attends to all valid
-             slots up to itself; the recurrence continues from the carried state (``T = 1`` runs the
-             one-step recurrent update, ``impl="reference"``).
+             slots up to itself; the recurrence continues from the carried state (fewer than
+             ``STEPWISE_MAX_TOKENS`` tokens, e.g. a decode step, run the recurrent update token by token,
+             ``impl="reference"``; longer chunks the chunked kernel).
 
 The layer code is the models' own (``Qwen2Attention.project_qkv/attend/out``, RWKV-7 ``Block``, WuNeng's
 ``state_read`` / ``query_with_state`` / ``fuse_heads``); only the attention over the cache is added here.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -34,6 +36,9 @@ from wuneng_jax.layers.rope import RopeTables, apply_rope, rope_tables
 from wuneng_jax.sharding import ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, BATCH, LENGTH, constrain
 
 FAMILIES = ("qwen2", "rwkv7", "wuneng")
+#: ``extend`` calls shorter than this run the RWKV-7 recurrence step by step (``wkv7`` impl "reference",
+#: a ``lax.scan``); longer ones, and every prefill, use the model's chunked kernel.
+STEPWISE_MAX_TOKENS = 16
 _KV_NAMES = (None, BATCH, None, ACT_KV_HEADS, None)
 
 
@@ -134,7 +139,9 @@ class CachedAttention:
         slot = jnp.arange(s, dtype=jnp.int32)[None, None, None, :]
         own = self.index + jnp.arange(t, dtype=jnp.int32)[None, None, :, None]
         mask = jnp.logical_and(kv.valid[:, None, None, :], slot <= own)  # [B,1,T,S]
-        a = reference_attention(q_r, ks[layer].astype(q.dtype), vs[layer].astype(q.dtype), mask, 1 / math.sqrt(q.shape[-1]))
+        a = reference_attention(
+            q_r, ks[layer].astype(q.dtype), vs[layer].astype(q.dtype), mask, 1 / math.sqrt(q.shape[-1])
+        )
         return constrain(a, (BATCH, LENGTH, ACT_HEADS, None))
 
 
@@ -154,6 +161,10 @@ def _self_attention(impl: str, rope: RopeTables, segment_ids: jax.Array):
         return constrain(a, (BATCH, LENGTH, ACT_HEADS, None))
 
     return attend
+
+
+def _stepwise(valid: jax.Array | None, t: int) -> bool:
+    return valid is None and t < STEPWISE_MAX_TOKENS
 
 
 def _head(model: nnx.Module, h: jax.Array, last_only: bool) -> jax.Array:
@@ -203,7 +214,7 @@ def _rwkv7_forward(model, tokens, valid, state: DecodeState, *, last_only: bool)
     t = tokens.shape[1]
     seg, _, new_state = _layout(valid, state, t)
     reset = ops.segment_reset(seg) if valid is not None else None
-    impl = "reference" if t == 1 else cfg.wkv_impl
+    impl = "reference" if _stepwise(valid, t) else cfg.wkv_impl
     dt = jnp.dtype(cfg.dtype)
     x = constrain(jnp.take(model.emb[...], tokens, axis=0).astype(dt), (BATCH, LENGTH, ACT_EMBED))
     v_first, layer_states = None, []
@@ -246,9 +257,15 @@ def _hybrid_block(p, u, *, cfg, wkv_cfg, reset, layer_state, attend):
 
     b, t, _ = u.shape
     hh, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = constrain(linear(u, p["q_kernel"], p["q_bias"]).reshape(b, t, hh, hd), (BATCH, LENGTH, ACT_HEADS, None))
-    k = constrain(linear(u, p["k_kernel"], p["k_bias"]).reshape(b, t, g, hd), (BATCH, LENGTH, ACT_KV_HEADS, None))
-    v = constrain(linear(u, p["v_kernel"], p["v_bias"]).reshape(b, t, g, hd), (BATCH, LENGTH, ACT_KV_HEADS, None))
+    q = constrain(
+        linear(u, p["q_kernel"], p["q_bias"]).reshape(b, t, hh, hd), (BATCH, LENGTH, ACT_HEADS, None)
+    )
+    k = constrain(
+        linear(u, p["k_kernel"], p["k_bias"]).reshape(b, t, g, hd), (BATCH, LENGTH, ACT_KV_HEADS, None)
+    )
+    v = constrain(
+        linear(u, p["v_kernel"], p["v_bias"]).reshape(b, t, g, hd), (BATCH, LENGTH, ACT_KV_HEADS, None)
+    )
     if cfg.state_value == "attention_value":
         r, new_state = state_read(p, u, k, v.reshape(b, t, -1), cfg=wkv_cfg, reset=reset, state=layer_state)
         a = attend(query_with_state(p, q, r) if cfg.state_query else q, k, v)
@@ -265,8 +282,8 @@ def _wuneng_forward(model, tokens, valid, state: DecodeState, *, last_only: bool
     cfg = model.cfg
     t = tokens.shape[1]
     seg, positions, new_state = _layout(valid, state, t)
-    reset = ops.segment_reset(seg)
-    wkv_cfg = dataclasses.replace(cfg, wkv_impl="reference") if t == 1 else cfg
+    reset = ops.segment_reset(seg) if valid is not None else None
+    wkv_cfg = dataclasses.replace(cfg, wkv_impl="reference") if _stepwise(valid, t) else cfg
     rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
     attn = CachedAttention(
         state.kv,

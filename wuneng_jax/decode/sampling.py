@@ -61,7 +61,12 @@ def row_keys(key: jax.Array, step: jax.Array | int, batch_size: int) -> jax.Arra
 
 
 def sample(
-    logits: jax.Array, cfg: SamplingConfig, key: jax.Array, step: jax.Array | int, *, vocab_limit: int | None = None
+    logits: jax.Array,
+    cfg: SamplingConfig,
+    key: jax.Array,
+    step: jax.Array | int,
+    *,
+    vocab_limit: int | None = None,
 ) -> jax.Array:
     """Next tokens int32 ``[B]`` from logits ``[B,V]``.
 

@@ -1,0 +1,136 @@
+"""Test support for the inference / evaluation tests: tiny configs of the three families, random
+non-degenerate parameters (no eager initialisers), and a "successor" Qwen2 whose next-token distribution
+is known in closed form.
+
+Successor model: one-hot embeddings, zero attention output and MLP output, so the final hidden state
+is the current token's embedding; the head puts logit ``alpha`` on ``succ(t) = (t + 1) % V`` and 0
+elsewhere. Hence ``p(succ(t) | ..., t) = e^alpha / (e^alpha + V - 1)`` and every other token has
+``1 / (e^alpha + V - 1)``, whatever the context: multiple-choice and generation outcomes are known by
+construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from wuneng_jax.models.qwen2 import Qwen2, Qwen2Config
+from wuneng_jax.models.rwkv7 import RWKV7, RWKV7Config
+from wuneng_jax.models.wuneng import WuNeng, wuneng_config_from_qwen2
+
+QWEN2 = Qwen2Config(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    intermediate_size=48,
+    rope_theta=10_000.0,
+    max_position_embeddings=256,
+)
+RWKV7_CFG = RWKV7Config(
+    vocab_size=64, n_embd=32, n_layer=2, head_size=16, dim_ffn=64, d_decay=8, d_aaa=8, d_mv=8, d_gate=8
+)
+# Layer 0 plain attention, layer 1 hybrid (both decode paths in one model); the paper's default fusion.
+WUNENG = wuneng_config_from_qwen2(
+    QWEN2,
+    hybrid_layers=[1],
+    state_head_size=16,
+    decay_lora_rank=8,
+    iclr_lora_rank=8,
+    gate_lora_rank=8,
+    middle_out_rank=8,
+)
+CONFIGS = {"qwen2": QWEN2, "rwkv7": RWKV7_CFG, "wuneng": WUNENG}
+MODELS = {"qwen2": Qwen2, "rwkv7": RWKV7, "wuneng": WuNeng}
+
+
+def randomize(model: nnx.Module, seed: int) -> nnx.Module:
+    """Random float32 parameters: matrices ``N(0, 1/fan_in)``, norm scales ``1 + N(0, 0.2²)``, other
+    vectors ``N(0, 0.5²)`` (so every branch, decay and gate is active)."""
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        shape = tuple(var.shape)
+        name = str(path[-1])
+        if len(shape) >= 2:
+            val = rng.standard_normal(shape) / math.sqrt(shape[-2])
+        elif "scale" in name or name == "weight":
+            val = 1.0 + 0.2 * rng.standard_normal(shape)
+        else:
+            val = 0.5 * rng.standard_normal(shape)
+        var.set_value(jnp.asarray(val, jnp.float32))
+    return model
+
+
+def make_model(family: str, seed: int = 0, **overrides) -> nnx.Module:
+    """A tiny model of ``family`` with random parameters (built abstractly: no initialiser runs)."""
+    cfg = CONFIGS[family]
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    model = nnx.eval_shape(lambda: MODELS[family](cfg, rngs=nnx.Rngs(0)))
+    return randomize(model, seed)
+
+
+def successor_config(vocab: int, alpha: float) -> Qwen2Config:
+    hidden = -(-vocab // 8) * 8  # >= vocab, room for one-hot embeddings
+    return Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=16,
+        rope_theta=10_000.0,
+        max_position_embeddings=512,
+    )
+
+
+def successor_model(vocab: int = 32, alpha: float = 3.0) -> Qwen2:
+    """The successor Qwen2 (module docstring)."""
+    cfg = successor_config(vocab, alpha)
+    model = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
+    d = cfg.hidden_size
+    s = 1.0 / math.sqrt(1.0 / d + cfg.rms_norm_eps)  # RMSNorm of a one-hot row
+    head = np.zeros((d, vocab), np.float32)
+    head[np.arange(vocab), (np.arange(vocab) + 1) % vocab] = alpha / s
+    emb = np.zeros((vocab, d), np.float32)
+    emb[np.arange(vocab), np.arange(vocab)] = 1.0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = path[-1]
+        if path[0] == "embed_tokens":
+            val = emb
+        elif path[0] == "lm_head":
+            val = head
+        elif name == "scale":
+            val = np.ones(var.shape, np.float32)
+        else:  # attention and MLP: zero output projections make both blocks the identity
+            val = (
+                0.1 * np.ones(var.shape, np.float32)
+                if path[-2] not in ("o_proj", "down_proj")
+                else np.zeros(var.shape, np.float32)
+            )
+        var.set_value(jnp.asarray(val))
+    return model
+
+
+def successor_logprobs(vocab: int, alpha: float) -> tuple[float, float]:
+    """``(log p(successor), log p(any other token))`` of :func:`successor_model`."""
+    z = math.log(math.exp(alpha) + vocab - 1)
+    return alpha - z, -z
+
+
+ALPHA = 3.0
+# Three questions whose answers follow from the byte-level successor model (p_hi = e^a / (e^a + V - 1)):
+#   q1: after "c" the successor "d" beats "x", "q"                    acc ok, acc_norm ok
+#   q2: "pz" = hi + lo < "k" = lo, but per char (hi + lo)/2 > lo       acc wrong, acc_norm ok
+#   q3: "wxyz" = 4 hi < "b" = lo, but per char hi > lo                 acc ok, acc_norm wrong
+MC_TEXT = [
+    {"context": "abc", "choices": ["d", "x", "q"], "gold": 0},
+    {"context": "mno", "choices": ["pz", "k"], "gold": 0},
+    {"context": "uv", "choices": ["wxyz", "b"], "gold": 1},
+]
