@@ -222,7 +222,7 @@ def _lowered_text(fn, args, platform):
 def test_pallas_lowers_for_platform(platform, call, n):
     """The Pallas -> Mosaic (TPU) and Pallas -> Triton (CUDA) lowerings run on a CPU host: block-shape rules,
     unsupported primitives and dot shapes are checked here. Forward: one kernel; gradient: forward + backward."""
-    bsz, seq_len, heads = 2, 200, 2
+    bsz, seq_len, heads = 2, 300, 2  # 5 chunks of 64: NC not a power of two, T not a multiple of L
     args = [jax.ShapeDtypeStruct((bsz, seq_len, heads, n), jnp.bfloat16) for _ in range(6)]
     args.append(jax.ShapeDtypeStruct((bsz, heads, n, n), jnp.float32))
     reset = jax.ShapeDtypeStruct((bsz, seq_len), jnp.bool_)
