@@ -3,6 +3,7 @@
     python benchmarks/decode.py --smoke                       # tiny shapes on CPU (a minute)
     python benchmarks/decode.py                               # Qwen2.5-0.5B shapes, contexts 1K..32K (GPU/TPU)
     python benchmarks/decode.py --contexts 1024 4096 --batch 8 --dtype bfloat16
+    python benchmarks/decode.py --memory-only --dtype bfloat16    # state memory of the 0.5B shapes, any host
 
 For each family and context length ``C`` the decode state is built for ``S_max = C + steps`` slots with
 the first ``C`` marked as filled (a decode step's cost does not depend on the cached values, only on the
@@ -83,6 +84,18 @@ def build(cfg, seed: int = 0):
     return nnx.jit(lambda: build_model(cfg, rngs=nnx.Rngs(seed)))()
 
 
+def state_mib_per_seq(cfg, batch: int, max_len: int) -> float:
+    """Decode-state MiB per sequence from shapes alone (abstract model and state: nothing allocated)."""
+    from flax import nnx
+
+    from wuneng_jax.decode import init_state, state_nbytes
+    from wuneng_jax.models import build_model
+
+    model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+    state = jax.eval_shape(lambda: init_state(model, batch, max_len))
+    return state_nbytes(state) / batch / 2**20
+
+
 def _bytes_in_use() -> int | None:
     stats = jax.devices()[0].memory_stats()
     return None if not stats else int(stats.get("bytes_in_use", 0))
@@ -137,21 +150,23 @@ def plot(results: dict, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    timed = all("tokens_per_s" in r for rows in results.values() for r in rows)
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11, 4.2) if timed else (6, 4.2), squeeze=False)
+    axes = axes[0]
     styles = {"qwen2": ("o", "-"), "rwkv7": ("^", "-"), "wuneng": ("s", "--")}
     for fam, rows in results.items():
         ctx = [r["context"] for r in rows]
         marker, line = styles.get(fam, ("o", "-"))
-        for ax, key in zip(axes, ("state_mib_per_seq", "tokens_per_s"), strict=True):
+        for ax, key in zip(axes, ("state_mib_per_seq", "tokens_per_s"), strict=False):
             ax.plot(ctx, [r[key] for r in rows], marker=marker, linestyle=line, label=fam)
-    for ax, ylabel in zip(axes, ("decode state per sequence (MiB)", "decode tokens/s"), strict=True):
+    for ax, ylabel in zip(axes, ("decode state per sequence (MiB)", "decode tokens/s"), strict=False):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -174,6 +189,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
     p.add_argument("--tag", default="", help="suffix of the result file names")
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="decode-state memory from shapes only (no model, no timing)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.width, args.layers, args.heads, args.kv_heads, args.head_dim = 64, 2, 4, 2, 16
@@ -194,19 +214,17 @@ def main(argv=None) -> dict:
     results: dict[str, list[dict]] = {}
     table = []
     for fam in args.families:
-        dec = Decoder(build(cfgs[fam]))
+        dec = None if args.memory_only else Decoder(build(cfgs[fam]))
         results[fam] = []
         for ctx in sorted(args.contexts):
-            r = bench_one(dec, args.batch, ctx, args.steps, args.reps)
+            if dec is None:
+                mib = state_mib_per_seq(cfgs[fam], args.batch, ctx + args.steps)
+                r = {"context": ctx, "batch": args.batch, "state_mib_per_seq": mib}
+            else:
+                r = bench_one(dec, args.batch, ctx, args.steps, args.reps)
             results[fam].append(r)
-            row = [
-                fam,
-                ctx,
-                r["state_mib_per_seq"],
-                r.get("device_mib_per_seq", "n/a"),
-                r["tokens_per_s"],
-                r["ms_per_step"],
-            ]
+            row = [fam, ctx, r["state_mib_per_seq"], r.get("device_mib_per_seq", "n/a")]
+            row += [r.get("tokens_per_s", "n/a"), r.get("ms_per_step", "n/a")]
             table.append(row)
             print("  ".join(str(x if not isinstance(x, float) else f"{x:.4g}") for x in row), flush=True)
         del dec
@@ -228,8 +246,9 @@ def main(argv=None) -> dict:
     )
     path = write_results(name, {"shape": shape, "results": results})
     png = os.path.join(RESULTS_DIR, f"{name}_memory_{info['platform']}.png")
+    where = "decode-state size from shapes" if args.memory_only else f"decode on {info['device_kind']}"
     title = (
-        f"decode on {info['device_kind']} ({args.dtype}): d={args.width}, L={args.layers}, "
+        f"{where} ({args.dtype})\nd={args.width}, L={args.layers}, "
         f"H={args.heads}, G={args.kv_heads}, D={args.head_dim}, batch {args.batch}"
     )
     plot(results, png, title)

@@ -36,6 +36,14 @@ def _dot(x: jax.Array, y: jax.Array, contract_x: int, contract_y: int) -> jax.Ar
     return jax.lax.dot_general(x, y, dims, precision=_HI, preferred_element_type=x.dtype)
 
 
+def _out_struct(shape: tuple[int, ...], dtype, *inputs: jax.Array) -> jax.ShapeDtypeStruct:
+    """Output type that varies over every manual mesh axis any input varies over (``shard_map`` with
+    ``check_vma``); outside ``shard_map`` the set is empty."""
+    mats = [jax.typeof(x).mat for x in inputs]
+    varying = frozenset().union(*(m.varying for m in mats))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mats[0].update(varying=varying))
+
+
 def default_block_v(n: int) -> int:
     """Value rows per program: 32 (or N when smaller), i.e. 2 row blocks per head at N = 64."""
     return min(n, 32)
@@ -113,20 +121,21 @@ def state_pass_fwd_gpu(
     bsz, heads, num_chunks, chunk, n = _check(w, block_v)
     full, gate, cols, rows, state = _specs(num_chunks, chunk, n, block_v)
     dtype = s0.dtype
+    inputs = (w, u, g[..., None, :], bb, x, s0)
     return pl.pallas_call(
         _fwd_kernel,
         grid=(bsz, heads, n // block_v),
         in_specs=[full, cols, gate, full, rows, state],
         out_specs=[rows, cols, state],
         out_shape=[
-            jax.ShapeDtypeStruct((bsz, heads, num_chunks, n, n), dtype),
-            jax.ShapeDtypeStruct((bsz, heads, num_chunks, chunk, n), dtype),
-            jax.ShapeDtypeStruct((bsz, heads, n, n), dtype),
+            _out_struct((bsz, heads, num_chunks, n, n), dtype, *inputs),
+            _out_struct((bsz, heads, num_chunks, chunk, n), dtype, *inputs),
+            _out_struct((bsz, heads, n, n), dtype, *inputs),
         ],
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,
         name="wkv7_state_pass_fwd",
-    )(w, u, g[..., None, :], bb, x, s0)
+    )(*inputs)
 
 
 @functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "num_stages", "interpret"))
@@ -151,17 +160,18 @@ def state_pass_bwd_gpu(
     bsz, heads, num_chunks, chunk, n = _check(w, block_v)
     full, gate, cols, rows, state = _specs(num_chunks, chunk, n, block_v)
     dtype = gout.dtype
+    inputs = (w, g[..., None, :], bb, gs, gsa, gout)
     return pl.pallas_call(
         _bwd_kernel,
         grid=(bsz, heads, n // block_v),
         in_specs=[full, gate, full, rows, cols, state],
         out_specs=[cols, rows, state],
         out_shape=[
-            jax.ShapeDtypeStruct((bsz, heads, num_chunks, chunk, n), dtype),
-            jax.ShapeDtypeStruct((bsz, heads, num_chunks, n, n), dtype),
-            jax.ShapeDtypeStruct((bsz, heads, n, n), dtype),
+            _out_struct((bsz, heads, num_chunks, chunk, n), dtype, *inputs),
+            _out_struct((bsz, heads, num_chunks, n, n), dtype, *inputs),
+            _out_struct((bsz, heads, n, n), dtype, *inputs),
         ],
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,
         name="wkv7_state_pass_bwd",
-    )(w, g[..., None, :], bb, gs, gsa, gout)
+    )(*inputs)

@@ -37,6 +37,14 @@ def _dot(x: jax.Array, y: jax.Array, contract_x: int, contract_y: int) -> jax.Ar
     return jax.lax.dot_general(x, y, dims, precision=_HI, preferred_element_type=x.dtype)
 
 
+def _out_struct(shape: tuple[int, ...], dtype, *inputs: jax.Array) -> jax.ShapeDtypeStruct:
+    """Output type that varies over every manual mesh axis any input varies over (``shard_map`` with
+    ``check_vma``); outside ``shard_map`` the set is empty."""
+    mats = [jax.typeof(x).mat for x in inputs]
+    varying = frozenset().union(*(m.varying for m in mats))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mats[0].update(varying=varying))
+
+
 def _check(w: jax.Array, chunks_per_step: int) -> tuple[int, int, int, int, int]:
     bsz, heads, num_chunks, chunk, n = w.shape
     if chunks_per_step < 1 or num_chunks % chunks_per_step:
@@ -110,21 +118,22 @@ def state_pass_fwd_tpu(w, u, g, bb, x, s0, *, chunks_per_step: int = 1, interpre
     num_steps = num_chunks // chunks_per_step
     rows, square, gate, state = _specs(chunk, n, chunks_per_step, num_steps, reverse=False)
     dtype = s0.dtype
+    inputs = (w, u, g[..., None, :], bb, x, s0)
     return pl.pallas_call(
         _fwd_kernel,
         grid=(bsz, heads, num_steps),
         in_specs=[rows, rows, gate, rows, square, state],
         out_specs=[square, rows, state],
         out_shape=[
-            jax.ShapeDtypeStruct((bsz, heads, num_chunks, n, n), dtype),
-            jax.ShapeDtypeStruct((bsz, heads, num_chunks, chunk, n), dtype),
-            jax.ShapeDtypeStruct((bsz, heads, n, n), dtype),
+            _out_struct((bsz, heads, num_chunks, n, n), dtype, *inputs),
+            _out_struct((bsz, heads, num_chunks, chunk, n), dtype, *inputs),
+            _out_struct((bsz, heads, n, n), dtype, *inputs),
         ],
         scratch_shapes=[pltpu.VMEM((n, n), dtype)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
         interpret=interpret,
         name="wkv7_state_pass_fwd",
-    )(w, u, g[..., None, :], bb, x, s0)
+    )(*inputs)
 
 
 @functools.partial(jax.jit, static_argnames=("chunks_per_step", "interpret"))
@@ -136,18 +145,19 @@ def state_pass_bwd_tpu(w, g, bb, gs, gsa, gout, *, chunks_per_step: int = 1, int
     num_steps = num_chunks // chunks_per_step
     rows, square, gate, state = _specs(chunk, n, chunks_per_step, num_steps, reverse=True)
     dtype = gout.dtype
+    inputs = (w, g[..., None, :], bb, gs, gsa, gout)
     return pl.pallas_call(
         _bwd_kernel,
         grid=(bsz, heads, num_steps),
         in_specs=[rows, gate, rows, square, rows, state],
         out_specs=[rows, square, state],
         out_shape=[
-            jax.ShapeDtypeStruct((bsz, heads, num_chunks, chunk, n), dtype),
-            jax.ShapeDtypeStruct((bsz, heads, num_chunks, n, n), dtype),
-            jax.ShapeDtypeStruct((bsz, heads, n, n), dtype),
+            _out_struct((bsz, heads, num_chunks, chunk, n), dtype, *inputs),
+            _out_struct((bsz, heads, num_chunks, n, n), dtype, *inputs),
+            _out_struct((bsz, heads, n, n), dtype, *inputs),
         ],
         scratch_shapes=[pltpu.VMEM((n, n), dtype)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
         interpret=interpret,
         name="wkv7_state_pass_bwd",
-    )(w, g[..., None, :], bb, gs, gsa, gout)
+    )(*inputs)

@@ -23,6 +23,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import wkv7_pallas_gpu as gpu
 from pallas_kernels import wkv7_pallas_tpu as tpu
@@ -115,11 +118,89 @@ def state_pass_bwd_scan(w, g, bb, gs, gsa, gout):
     return jnp.moveaxis(dsa, 0, 2), jnp.moveaxis(r_all, 0, 2), ds0
 
 
+def _fwd_dispatch(w, u, g, bb, x, s0, cfg):
+    return _dispatch(_fwd_impls(cfg, w.shape[2]), cfg, w, u, g, bb, x, s0)
+
+
+def _bwd_dispatch(w, g, bb, gs, gsa, gout, cfg):
+    return _dispatch(_bwd_impls(cfg, w.shape[2]), cfg, w, g, bb, gs, gsa, gout)
+
+
+# Sharding: the kernels are independent per batch element and head and need everything else whole. XLA cannot
+# partition a Pallas custom call by itself (Triton: operands gathered on every device; Mosaic: an error, "wrap
+# the call in a shard_map"), so off TPU each kernel call is a custom_partitioning op whose dims 0, 1 (B, H)
+# keep the operands' sharding and whose other dims are replicated: each device runs the kernel on its own
+# [B/.., H/.., ...] block. On one device, or inside shard_map, it is the plain kernel call. On TPU
+# custom_partitioning is not wired through libtpu (jax-ml/jax#38196: "Custom emitter for
+# CustomSPMDPartitioning not found"), so there the kernel is called as is and a multi-device TPU caller must
+# call wkv7 inside shard_map (Mosaic's own error says so).
+_FWD_RULE = "b h c l k, b h c l v, b h c k, b h c l k, b h c v k, b h v k -> b h c v k, b h c l v, b h v k"
+_BWD_RULE = "b h c l k, b h c k, b h c l k, b h c v k, b h c l v, b h v k -> b h c l v, b h c v k, b h v k"
+_WHOLE_DIMS = ("c", "l", "k", "v")
+
+
+def _batch_head_shardings(mesh, shapes, reference):
+    """NamedShardings for ``shapes``: dims 0, 1 as in ``reference``'s sharding, every other dim replicated."""
+    sharding = reference.sharding
+    spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
+    lead = (tuple(spec) + (None, None))[:2]
+    return tuple(NamedSharding(mesh, P(*lead, *([None] * (len(x.shape) - 2)))) for x in shapes)
+
+
+def _partitioned(dispatch, rule: str):
+    op = custom_partitioning(dispatch, static_argnums=(6,))
+
+    def infer(cfg, mesh, arg_shapes, result_shape):
+        return _batch_head_shardings(mesh, result_shape, arg_shapes[0])
+
+    def partition(cfg, mesh, arg_shapes, result_shape):
+        results = _batch_head_shardings(mesh, result_shape, arg_shapes[0])
+        args = _batch_head_shardings(mesh, arg_shapes, arg_shapes[0])
+        return mesh, lambda *xs: dispatch(*xs, cfg), results, args
+
+    op.def_partition(
+        infer_sharding_from_operands=infer,
+        partition=partition,
+        sharding_rule=rule,
+        need_replication_factors=_WHOLE_DIMS,
+    )
+    return op
+
+
+_fwd_partitioned = _partitioned(_fwd_dispatch, _FWD_RULE)
+_bwd_partitioned = _partitioned(_bwd_dispatch, _BWD_RULE)
+
+
+@functools.cache
+def _batchable(partitioned, cfg: StatePassConfig):
+    """``partitioned(..., cfg)`` with a vmap rule (custom_partitioning has none): vmapped axes fold into B."""
+
+    @jax.custom_batching.custom_vmap
+    def op(*xs):
+        dispatch = partitioned.fun  # the undecorated _fwd_dispatch / _bwd_dispatch
+        return tuple(
+            jax.lax.platform_dependent(
+                *xs, tpu=lambda *a: dispatch(*a, cfg), default=lambda *a: partitioned(*a, cfg)
+            )
+        )
+
+    @op.def_vmap
+    def rule(axis_size, in_batched, *xs):
+        xs = [
+            x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for x, batched in zip(xs, in_batched, strict=True)
+        ]
+        outs = op(*(x.reshape(axis_size * x.shape[1], *x.shape[2:]) for x in xs))
+        return tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in outs), (True,) * len(outs)
+
+    return op
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def state_pass(w, u, g, bb, x, s0, cfg: StatePassConfig):
     """Stage B: returns the state entering each chunk ``[B,H,NC,N,N]``, ``SA`` ``[B,H,NC,L,N]`` and the final
     state ``[B,H,N,N]``. All inputs share one float dtype (the state dtype, float32)."""
-    return _dispatch(_fwd_impls(cfg, w.shape[2]), cfg, w, u, g, bb, x, s0)
+    return tuple(_batchable(_fwd_partitioned, cfg)(w, u, g, bb, x, s0))
 
 
 def _state_pass_fwd(w, u, g, bb, x, s0, cfg):
@@ -130,7 +211,7 @@ def _state_pass_fwd(w, u, g, bb, x, s0, cfg):
 def _state_pass_bwd(cfg, res, cotangents):
     w, g, bb, s_in, sa = res
     gs, gsa, gout = cotangents
-    dsa, r_all, ds0 = _dispatch(_bwd_impls(cfg, w.shape[2]), cfg, w, g, bb, gs, gsa, gout)
+    dsa, r_all, ds0 = _batchable(_bwd_partitioned, cfg)(w, g, bb, gs, gsa, gout)
     dw = jnp.einsum("...ti,...ij->...tj", dsa, s_in, precision=_HI)  # dSA S_c
     dbb = jnp.einsum("...ti,...ij->...tj", sa, r_all, precision=_HI)  # SA R_c
     dg = jnp.sum(r_all * s_in, axis=-2)  # Σ_rows R_c ⊙ S_c

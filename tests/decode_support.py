@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from wuneng_jax.decode import Decoder, left_pad
 from wuneng_jax.models.qwen2 import Qwen2, Qwen2Config
 from wuneng_jax.models.rwkv7 import RWKV7, RWKV7Config
 from wuneng_jax.models.wuneng import WuNeng, wuneng_config_from_qwen2
@@ -134,3 +137,90 @@ MC_TEXT = [
     {"context": "mno", "choices": ["pz", "k"], "gold": 0},
     {"context": "uv", "choices": ["wxyz", "b"], "gold": 1},
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode parity (shared by test_decode.py and test_decode_fusion.py)
+# --------------------------------------------------------------------------------------------------
+
+ATOL = 1e-4
+PROMPT_LENS = (7, 3)
+N_CONT = 4
+
+
+def _reference_twin(model):
+    """The same model and parameters with the sequential ``wkv7`` reference (``lax.scan``), an independent
+    kernel that also compiles fast; attention families are returned as they are."""
+    cfg = model.cfg
+    if not hasattr(cfg, "wkv_impl"):
+        return model
+    twin = nnx.eval_shape(
+        lambda: type(model)(dataclasses.replace(cfg, wkv_impl="reference"), rngs=nnx.Rngs(0))
+    )
+    nnx.update(twin, nnx.state(model))
+    return twin
+
+
+def _full_forward(model, seqs: list[np.ndarray]) -> np.ndarray:
+    """The model's own forward of each sequence alone (right-padded batch with segment ids)."""
+    model = _reference_twin(model)
+    t = max(len(s) for s in seqs)
+    tokens = np.zeros((len(seqs), t), np.int32)
+    seg = np.zeros((len(seqs), t), np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)], seg[i, : len(s)] = s, 1
+    return np.asarray(jax.jit(lambda m, x, s: m(x, segment_ids=s))(model, tokens, seg))
+
+
+def check_decode_parity(model, prompt_lens=PROMPT_LENS, n_cont=N_CONT, extend_chunk=2, seed=0) -> float:
+    """Prefill (left-padded to 8) + extend(``extend_chunk``) + single steps vs the full forward; returns the
+    max abs logit error (and asserts it is within ``ATOL``)."""
+    vocab = model.cfg.vocab_size
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, vocab, n).astype(np.int32) for n in prompt_lens]
+    cont = rng.integers(0, vocab, (len(prompts), n_cont)).astype(np.int32)
+    ref = _full_forward(model, [np.concatenate([p, c]) for p, c in zip(prompts, cont, strict=True)])
+
+    dec = Decoder(model)
+    t = 8
+    tokens, valid = left_pad([list(p) for p in prompts], t)
+    state = dec.init_state(len(prompts), t + n_cont)
+    logits, state = dec.prefill(tokens, valid, state, last_only=False)
+    logits = np.asarray(logits)
+    errs = [np.abs(logits[b, t - n :] - ref[b, :n]).max() for b, n in enumerate(prompt_lens)]
+    done = 0
+    if extend_chunk:
+        chunk, state = dec.extend(cont[:, :extend_chunk], state)
+        chunk = np.asarray(chunk)
+        errs += [np.abs(chunk[b] - ref[b, n : n + extend_chunk]).max() for b, n in enumerate(prompt_lens)]
+        done = extend_chunk
+    for i in range(done, n_cont):
+        step, state = dec.step(cont[:, i], state)
+        step = np.asarray(step)
+        errs += [np.abs(step[b] - ref[b, n + i]).max() for b, n in enumerate(prompt_lens)]
+    assert int(state.index) == t + n_cont
+    np.testing.assert_array_equal(np.asarray(state.positions), np.asarray(prompt_lens) + n_cont)
+    err = float(max(errs))
+    print(f"{model.cfg.family}: max |logit error| {err:.2e} (logit scale {np.abs(ref).max():.1f})")
+    assert err <= ATOL, f"decode logits differ from the full forward by {err}"
+    return err
+
+
+def write_run(
+    model: nnx.Module, run_dir, *, step: int = 7, store: str | None = None, seq_len: int | None = None
+):
+    """A training run directory (``checkpoints/<step>/{state,data,meta}`` as the trainer writes them)
+    holding ``model``'s parameters, with a byte tokenizer and an optional token store in its config."""
+    from train.checkpoint import Checkpointer
+    from train.config import CheckpointConfig
+    from train.state import TrainState
+    from wuneng_jax.config import config_to_dict
+
+    params = nnx.state(model, nnx.Param)
+    rest = nnx.state(model, nnx.Not(nnx.Param))
+    state = TrainState(jnp.int32(step), params, {}, rest, jnp.zeros(2, jnp.uint32))
+    ck = Checkpointer(Path(run_dir) / "checkpoints", CheckpointConfig(async_save=False))
+    config = {"data": {"tokenizer": "byte", "store": store}, "seq_len": seq_len}
+    ck.save(step, state, {"next_index": 0}, {"model_config": config_to_dict(model.cfg), "config": config})
+    ck.close()
+    return Path(run_dir)

@@ -4,7 +4,6 @@ closed form (the successor model); the lm-eval adapter's three methods on fake r
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from types import SimpleNamespace
@@ -12,7 +11,7 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
-from decode_support import ALPHA, MC_TEXT, make_model, successor_logprobs, successor_model
+from decode_support import ALPHA, MC_TEXT, make_model, successor_logprobs, successor_model, write_run
 
 from train.data.tokenizer import ByteTokenizer
 from wuneng_jax.eval import LoglikelihoodScorer, MCQuestion, rolling_requests, score_multiple_choice
@@ -73,6 +72,16 @@ def test_perplexity_equals_exp_mean_token_loss(tmp_path):
     assert res.tokens == count
     np.testing.assert_allclose(res.nll, nll / count, rtol=1e-5)
     np.testing.assert_allclose(res.perplexity, math.exp(nll / count), rtol=1e-5)
+
+    # `wuneng eval RUN_DIR`: the run's own store, split and sequence length by default
+    from train.cli import main
+
+    run_dir = write_run(model, tmp_path / "run", store=str(tmp_path / "store"), seq_len=seq_len)
+    argv = [str(run_dir), "--batch-size", str(batch), "--no-progress", "--output", str(tmp_path / "r.json")]
+    assert main(["eval", *argv]) == 0
+    out = json.loads((tmp_path / "r.json").read_text())["perplexity"]
+    assert out["tokens"] == count and out["seq_len"] == seq_len
+    np.testing.assert_allclose(out["perplexity"], math.exp(nll / count), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,7 +170,7 @@ def test_lm_eval_adapter_methods():
 
 
 def test_cli_eval_multiple_choice(tmp_path, capsys):
-    from train.evaluate import build_parser, run
+    from train.cli import main
     from wuneng_jax.convert.hf_qwen2 import save_qwen2
 
     model = successor_model(258, ALPHA)
@@ -178,10 +187,10 @@ def test_cli_eval_multiple_choice(tmp_path, capsys):
         str(out),
         "--no-progress",
     ]
-    assert run(build_parser(argparse.ArgumentParser()).parse_args(argv)) == 0
+    assert main(["eval", *argv]) == 0
     res = json.loads(out.read_text())["multiple_choice"]
     assert res["acc"] == pytest.approx(2 / 3) and res["acc_norm"] == pytest.approx(2 / 3)
     assert res["predictions"] == [0, 1, 1]
     assert "acc 0.6667" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="nothing to evaluate"):
-        run(build_parser(argparse.ArgumentParser()).parse_args([str(hf)]))
+    assert main(["eval", str(hf)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err

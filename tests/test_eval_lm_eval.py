@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import math
 
+import lm_eval  # noqa: E402,F401  (in the dev extra: this test must run, not skip)
 import pytest
 from decode_support import ALPHA, MC_TEXT, successor_logprobs, successor_model
-
-pytest.importorskip("lm_eval", reason="lm-eval is an optional dependency (pip install lm-eval)")
 
 TASK = """task: {name}
 dataset_path: json

@@ -49,14 +49,42 @@ def _prepare(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    from train.generate import build_parser
+
+    build_parser(p)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from train.generate import run
+
+    return run(args)
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    from train.evaluate import build_parser
+
+    build_parser(p)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from train.evaluate import run
+
+    return run(args)
+
+
 COMMANDS: list[Command] = [
     ("train", _train_args, _train),
     ("prepare-data", _prepare_args, _prepare),
+    ("generate", _generate_args, _generate),
+    ("eval", _eval_args, _eval),
 ]
 
 _HELP = {
     "train": "train a model from a YAML config (+ key=value overrides); resumes from run_dir",
     "prepare-data": "tokenise text/jsonl files or the embedded stdlib corpus into a token store",
+    "generate": "generate text from a run directory, a Hugging Face Qwen2 dir or a BlinkDL RWKV-7 file",
+    "eval": "perplexity on a token store, multiple-choice accuracy, lm-eval tasks",
 }
 
 

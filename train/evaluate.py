@@ -1,6 +1,7 @@
 """``wuneng eval``: perplexity over a token store, multiple-choice accuracy, lm-eval tasks.
 
-    wuneng eval runs/demo --store runs/data/stdlib --seq-len 128 --batch-size 16     # perplexity
+    wuneng eval runs/demo                              # perplexity on the run's own held-out split
+    wuneng eval runs/demo --store runs/data/stdlib --seq-len 128 --batch-size 16     # any token store
     wuneng eval runs/demo --mc questions.jsonl                                       # acc / acc_norm
     wuneng eval path/to/Qwen2.5-0.5B --tasks hellaswag,arc_easy --limit 100          # lm-eval (optional dep)
 
@@ -224,7 +225,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p = p or argparse.ArgumentParser(prog="wuneng eval", description=__doc__.split("\n")[0])
     add_model_args(p)
     g = p.add_argument_group("perplexity")
-    g.add_argument("--store", default=None, help="token store to compute perplexity on")
+    g.add_argument(
+        "--store", default=None, help="token store to compute perplexity on (default for a run dir: its own)"
+    )
     g.add_argument("--split", default="eval", help="store split (default: eval)")
     g.add_argument("--seq-len", type=int, default=None, help="row length (default: the run's, else 512)")
     g.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
@@ -246,25 +249,28 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 def run(args: argparse.Namespace) -> int:
     from train.generate import load_model, load_tokenizer_for
 
-    if not (args.store or args.mc or args.tasks):
-        raise ValueError(
-            "nothing to evaluate: give --store (perplexity), --mc FILE.jsonl and/or --tasks T1,T2"
-        )
     loaded = load_model(args.source, dtype=args.dtype, step=args.step, seed=args.seed)
+    store = args.store
+    if not (store or args.mc or args.tasks):
+        if loaded.store is None:
+            raise ValueError(
+                "nothing to evaluate: give --store (perplexity), --mc FILE.jsonl and/or --tasks T1,T2"
+            )
+        store = loaded.store  # a run directory: perplexity on its own token store
     results: dict[str, Any] = {"source": str(args.source), "family": loaded.cfg.family}
     progress = not args.no_progress
-    if args.store:
-        seq_len = args.seq_len or 512
+    if store:
+        seq_len = args.seq_len or loaded.seq_len or 512
         r = perplexity(
             loaded.model,
-            args.store,
+            store,
             split=args.split,
             seq_len=seq_len,
             batch_size=args.batch_size,
             max_batches=args.max_batches,
             progress=progress,
         )
-        results["perplexity"] = {**r.as_dict(), "store": args.store, "split": args.split, "seq_len": seq_len}
+        results["perplexity"] = {**r.as_dict(), "store": store, "split": args.split, "seq_len": seq_len}
         print(
             f"perplexity {r.perplexity:.4f} (nll {r.nll:.4f} nats/token, {r.tokens:,} tokens, {r.batches} batches, "
             f"{r.seconds:.1f}s)"

@@ -44,6 +44,7 @@ class LoadedModel:
     tokenizer_spec: str | None = None
     store: str | None = None
     step: int | None = None
+    seq_len: int | None = None  # the training sequence length (run directories)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,8 +116,12 @@ def load_orbax(ckpt_dir: str | Path, *, step: int | None = None, dtype: str | No
             f"({type(e).__name__}: {str(e)[:300]})"
         ) from e
     model = nnx.merge(graphdef, out["state"]["params"], rest)
-    data = (meta.get("config") or {}).get("data") or {}
-    return LoadedModel(cfg, model, "orbax", data.get("tokenizer"), data.get("store"), step)
+    train_cfg = meta.get("config") or {}
+    data = train_cfg.get("data") or {}
+    seq_len = train_cfg.get("seq_len")
+    return LoadedModel(
+        cfg, model, "orbax", data.get("tokenizer"), data.get("store"), step, int(seq_len) if seq_len else None
+    )
 
 
 def load_model(

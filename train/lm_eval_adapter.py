@@ -87,7 +87,9 @@ class WuNengLM(_LMBase):  # type: ignore[misc, valid-type]
         if loaded is None:
             if pretrained is None:
                 raise ValueError("WuNengLM: give pretrained=<model source> (or loaded=LoadedModel)")
-            loaded = load_model(pretrained, dtype=dtype, step=None if step is None else int(step), seed=int(seed))
+            loaded = load_model(
+                pretrained, dtype=dtype, step=None if step is None else int(step), seed=int(seed)
+            )
         self.loaded = loaded
         if tokenizer is None or isinstance(tokenizer, str | os.PathLike):
             tokenizer = load_tokenizer_for(loaded, None if tokenizer is None else os.fspath(tokenizer))
@@ -99,7 +101,9 @@ class WuNengLM(_LMBase):  # type: ignore[misc, valid-type]
         self.seed = int(seed)
         self.progress = progress
         self.scorer = LoglikelihoodScorer(
-            loaded.model, batch_size=self.batch_size, max_length=None if max_length is None else int(max_length)
+            loaded.model,
+            batch_size=self.batch_size,
+            max_length=None if max_length is None else int(max_length),
         )
         self.max_length = self.scorer.max_length
         self.decoder = Decoder(loaded.model)
@@ -159,12 +163,16 @@ class WuNengLM(_LMBase):  # type: ignore[misc, valid-type]
             max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
             temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample", True) else 0.0
             sampling = SamplingConfig(
-                temperature=temperature, top_k=int(kw.get("top_k", 0) or 0), top_p=float(kw.get("top_p", 1.0) or 1.0)
+                temperature=temperature,
+                top_k=int(kw.get("top_k", 0) or 0),
+                top_p=float(kw.get("top_p", 1.0) or 1.0),
             )
             keep = max(1, self.max_length - max_new)
             batches = [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
             for batch in _progress(batches, self.progress and not disable_tqdm, "generate_until"):
-                prompts = [(self.tok.encode(requests[i].args[0]) or [self.eot_token_id])[-keep:] for i in batch]
+                prompts = [
+                    (self.tok.encode(requests[i].args[0]) or [self.eot_token_id])[-keep:] for i in batch
+                ]
                 prompts += [[self.eot_token_id]] * (self.batch_size - len(prompts))  # static batch shape
                 texts = self._generate(prompts, max_new, sampling, until)
                 for i, text in zip(batch, texts, strict=False):
@@ -242,7 +250,9 @@ def run_lm_eval(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    lm = WuNengLM(loaded=loaded, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, progress=progress)
+    lm = WuNengLM(
+        loaded=loaded, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, progress=progress
+    )
     tm = TaskManager(include_path=include_path) if include_path else TaskManager()
     res = lm_eval.simple_evaluate(
         model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm, log_samples=False

@@ -97,6 +97,11 @@ class Decoder:
     def prefill(self, tokens, valid, state: DecodeState, *, last_only: bool = True):
         """``families.prefill`` compiled: left-padded ``tokens``/``valid`` ``[B,T]`` into a fresh state."""
         tokens, valid = jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, jnp.bool_)
+        if int(state.index) != 0:
+            raise ValueError(
+                f"prefill starts new sequences but the state already holds {int(state.index)} tokens; use a "
+                "fresh state (init_state) or extend() to continue"
+            )
         _check_fits(state, tokens.shape[1])
         return self._prefill(self.params, tokens, valid, state, last_only=last_only)
 

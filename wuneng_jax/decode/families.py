@@ -354,6 +354,11 @@ def prefill(
     padding that is every row's last prompt token) and the state after the prompt.
     """
     _check(model, tokens, state, tokens.shape[1])
+    if not isinstance(state.index, jax.core.Tracer) and int(state.index) != 0:
+        raise ValueError(
+            f"prefill starts new sequences but the state already holds {int(state.index)} tokens; use a fresh "
+            "state (init_state) or extend() to continue"
+        )
     if valid.shape != tokens.shape:
         raise ValueError(f"valid has shape {valid.shape}, expected the tokens' {tokens.shape}")
     return _FORWARD[model_family(model)](model, tokens, valid, state, last_only=last_only)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wuneng_jax.layers.packing import document_starts
+
 #: e^{-1/2}: the decay scale, ``w = exp(-e^{-1/2} * sigmoid(z))`` in (0.5453, 1).
 E_HALF: float = math.exp(-0.5)
 #: LayerNorm eps of every RWKV-7 LayerNorm (ln0, ln1, ln2, ln_out).
@@ -43,8 +45,7 @@ def segment_reset(segment_ids: jax.Array) -> jax.Array:
       bool ``[B,T]``; position 0 is ``False`` (the token continues whatever state is passed in, zeros
       for a fresh sequence).
     """
-    change = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+    return document_starts(segment_ids).at[:, 0].set(False)
 
 
 def token_shift(x: jax.Array, prev: jax.Array | None = None, reset: jax.Array | None = None) -> jax.Array:
