@@ -23,6 +23,13 @@ from pallas_kernels.wkv7_state_pass import StatePassConfig, state_pass
 DEFAULT_PALLAS_CHUNK = 64
 
 
+def _vary_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """Inside ``shard_map``: mark ``x`` varying over the manual axes ``ref`` varies over (a zero initial state
+    is device-invariant, but the state it becomes is not; scans and kernels need one type)."""
+    missing = tuple(sorted(jax.typeof(ref).mat.varying - jax.typeof(x).mat.varying))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def wkv7_pallas(
     r: jax.Array,
     log_w: jax.Array,
@@ -47,7 +54,7 @@ def wkv7_pallas(
         )
     config = config or StatePassConfig()
     terms = chunk_terms(r, log_w, k, v, a, b, reset, chunk)  # stage A
-    s0 = initial_state.astype(terms.w_wy.dtype)
+    s0 = _vary_like(initial_state.astype(terms.w_wy.dtype), terms.w_wy)
     s_in, sa, final_state = state_pass(
         terms.w_wy, terms.u_wy, terms.g, terms.b_bar, terms.x_kv, s0, config
     )  # B

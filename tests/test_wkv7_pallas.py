@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from wkv7_cases import CASES, make_case, numpy_recurrence, rel_err
 
 from pallas_kernels import wkv7
@@ -200,6 +202,37 @@ def test_pallas_runs_the_kernel_and_auto_rule():
     assert _resolve_impl("auto") == ("pallas" if jax.default_backend() in ("tpu", "gpu") else "chunked")
 
 
+def test_pallas_sharded_over_batch_and_heads():
+    """8 devices, B over 'data' and H over 'model': the kernels' custom_partitioning rule keeps the sharding
+    (no all-gather: each device runs the kernel on its own block), same values and gradients as one device."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py forces 8 CPU devices)")
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    x = make_case("generic_dplr", 2, 40, 4, 16, seed=13)
+    o_np, s_np = numpy_recurrence(*x)
+    act, state = NamedSharding(mesh, P("data", None, "model", None)), NamedSharding(mesh, P("data", "model"))
+    xs = [jax.device_put(v, act) for v in x[:6]] + [jax.device_put(x[6], state)]
+
+    def loss(impl, *args):
+        o, s = wkv7(*args, impl=impl, chunk_size=16 if impl == "pallas" else None)
+        return jnp.sum(o * o) + jnp.sum(s), (o, s)
+
+    argnums = tuple(range(7))
+    compiled = (
+        jax.jit(jax.grad(functools.partial(loss, "pallas"), argnums, has_aux=True))
+        .trace(*xs)
+        .lower()
+        .compile()
+    )
+    assert "all-gather" not in compiled.as_text() and "all-to-all" not in compiled.as_text()
+    grads, (o, s) = compiled(*xs)
+    assert o.sharding.spec == act.spec
+    assert rel_err(o, o_np) <= TOL_F32 and rel_err(s, s_np) <= TOL_F32
+    grads_ref, _ = jax.jit(jax.grad(functools.partial(loss, "reference"), argnums, has_aux=True))(*x)
+    for label, grad, ref in zip(LABELS, grads, grads_ref, strict=True):
+        assert rel_err(grad, ref) < TOL_F32, (label, rel_err(grad, ref))
+
+
 def test_pallas_validation():
     x = make_case("realistic", 1, 8, 1, 16)
     with pytest.raises(ValueError, match="power of two >= 16"):
@@ -250,21 +283,35 @@ def test_tpu_lowering_with_chunk_groups():
 
 def test_tpu_aot_compile_with_libtpu():
     """Full TPU compile (Mosaic's own passes: layouts, VMEM budget) of both state-pass kernels for a v5e topology,
-    ahead of time on a CPU host. Needs libtpu (``pip install libtpu==0.0.42.*``, the version jax 0.10.2 pins);
-    skipped where it is not installed."""
+    ahead of time on a CPU host: on one chip, and inside shard_map on a 2x2 mesh (B over 'data', H over
+    'model'), the way a multi-chip TPU caller must run it. Needs libtpu (``pip install libtpu==0.0.42.*``, the
+    version jax 0.10.2 pins); skipped where it is not installed."""
     pytest.importorskip("libtpu")
     from jax.experimental import topologies
 
-    device = topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    bsz, heads, num_chunks, chunk, n = 2, 3, 4, 64, 64
+    devices = topologies.get_topology_desc("v5e:2x2", "tpu").devices
+    bsz, heads, num_chunks, chunk, n = 2, 4, 4, 64, 64
     shapes = [(bsz, heads, num_chunks, chunk, n)] * 2 + [
         (bsz, heads, num_chunks, n),
         (bsz, heads, num_chunks, chunk, n),
     ]
     shapes += [(bsz, heads, num_chunks, n, n), (bsz, heads, n, n)]
-    args = [jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding) for shape in shapes]
     cfg = StatePassConfig(chunks_per_step=2)
     loss = lambda *xs: sum(jnp.sum(out) for out in state_pass(*xs, cfg))
-    compiled = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)))).trace(*args).lower().compile()
-    assert compiled.as_text().count("tpu_custom_call") == 2
+    grad = jax.value_and_grad(loss, argnums=tuple(range(6)))
+
+    one_chip = jax.sharding.SingleDeviceSharding(devices[0])
+    args = [jax.ShapeDtypeStruct(shape, jnp.float32, sharding=one_chip) for shape in shapes]
+    assert jax.jit(grad).trace(*args).lower().compile().as_text().count("tpu_custom_call") == 2
+
+    mesh = Mesh(np.array(devices).reshape(2, 2), ("data", "model"))
+    spec = P("data", "model")
+    args = [jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec)) for shape in shapes]
+
+    def per_shard(*xs):
+        value, grads = grad(*xs)
+        return jax.lax.psum(value, ("data", "model")), grads
+
+    sharded = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 6, out_specs=(P(), (spec,) * 6))
+    text = jax.jit(sharded).trace(*args).lower().compile().as_text()
+    assert text.count("tpu_custom_call") == 2 and "all-gather" not in text
