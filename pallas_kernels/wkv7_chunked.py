@@ -66,16 +66,27 @@ def factored_bound(chunk: int) -> float:
     return 60.0 / (chunk + 2)
 
 
-@jax.checkpoint
 def _interaction_matrices_pairwise(r, k, a, b, log_w, same_seg):
     """The four decayed ``[L,L]`` interaction matrices, exact for any ``ℓ <= 0`` (pairwise exponents).
 
     Args: ``r, k, a, b, log_w`` ``[B,H,NC,L,N]``; ``same_seg`` bool ``[B,1,NC,L,L]`` (no reset in (s, t]).
     Returns ``M_ab, M_ak`` (strictly lower) and ``M_rb, M_rk`` (lower incl. diagonal), ``[B,H,NC,L,L]``.
-    Every exponent is a directly summed segment ``Σ_{s<u≤t} ℓ_u`` (never a difference of cumulative sums,
-    which loses everything when one ℓ is huge). Rematerialised in the backward pass so the ``[L,L,N]``
-    decay tensors are never stored.
+    The ``[L,L,N]`` decay tensors exist only for one group of chunks at a time (``lax.map``) and are
+    rematerialised in the backward pass, so memory stays bounded at any size.
     """
+    chunk, n = log_w.shape[-2:]
+    lead = log_w.shape[:-2]
+    same_seg = jnp.broadcast_to(same_seg, lead + same_seg.shape[-2:])
+    xs = tuple(x.reshape((-1,) + x.shape[-2:]) for x in (r, k, a, b, log_w, same_seg))
+    group = max(1, min((1 << 22) // (chunk * chunk * n), xs[0].shape[0]))
+    outs = jax.lax.map(lambda t: jax.checkpoint(_pairwise_block)(*t), xs, batch_size=group)
+    return tuple(o.reshape(lead + o.shape[-2:]) for o in outs)
+
+
+def _pairwise_block(r, k, a, b, log_w, same_seg):
+    """:func:`_interaction_matrices_pairwise` on ``[G,L,N]`` chunks. Every exponent is a directly summed
+    segment ``Σ_{s<u≤t} ℓ_u`` (never a difference of cumulative sums, which loses everything when one ℓ is
+    huge)."""
     chunk = log_w.shape[-2]
     incl, excl = _pair_masks(chunk, same_seg)
     after_s = np.arange(chunk)[:, None, None] > np.arange(chunk)[None, :, None]  # [t, s, 1]: u = t > s

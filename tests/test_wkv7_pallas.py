@@ -279,39 +279,3 @@ def test_tpu_lowering_with_chunk_groups():
     fwd = lambda *a: wkv7_pallas(*a, jnp.zeros((1, 2, 64, 64)), None, chunk_size=16, config=cfg)
     loss = lambda *a: jnp.sum(fwd(*a)[0])
     assert _lowered_text(jax.grad(loss, argnums=tuple(range(6))), args, "tpu").count(TPU_CALL) == 2
-
-
-def test_tpu_aot_compile_with_libtpu():
-    """Full TPU compile (Mosaic's own passes: layouts, VMEM budget) of both state-pass kernels for a v5e topology,
-    ahead of time on a CPU host: on one chip, and inside shard_map on a 2x2 mesh (B over 'data', H over
-    'model'), the way a multi-chip TPU caller must run it. Needs libtpu (``pip install libtpu==0.0.42.*``, the
-    version jax 0.10.2 pins); skipped where it is not installed."""
-    pytest.importorskip("libtpu")
-    from jax.experimental import topologies
-
-    devices = topologies.get_topology_desc("v5e:2x2", "tpu").devices
-    bsz, heads, num_chunks, chunk, n = 2, 4, 4, 64, 64
-    shapes = [(bsz, heads, num_chunks, chunk, n)] * 2 + [
-        (bsz, heads, num_chunks, n),
-        (bsz, heads, num_chunks, chunk, n),
-    ]
-    shapes += [(bsz, heads, num_chunks, n, n), (bsz, heads, n, n)]
-    cfg = StatePassConfig(chunks_per_step=2)
-    loss = lambda *xs: sum(jnp.sum(out) for out in state_pass(*xs, cfg))
-    grad = jax.value_and_grad(loss, argnums=tuple(range(6)))
-
-    one_chip = jax.sharding.SingleDeviceSharding(devices[0])
-    args = [jax.ShapeDtypeStruct(shape, jnp.float32, sharding=one_chip) for shape in shapes]
-    assert jax.jit(grad).trace(*args).lower().compile().as_text().count("tpu_custom_call") == 2
-
-    mesh = Mesh(np.array(devices).reshape(2, 2), ("data", "model"))
-    spec = P("data", "model")
-    args = [jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec)) for shape in shapes]
-
-    def per_shard(*xs):
-        value, grads = grad(*xs)
-        return jax.lax.psum(value, ("data", "model")), grads
-
-    sharded = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 6, out_specs=(P(), (spec,) * 6))
-    text = jax.jit(sharded).trace(*args).lower().compile().as_text()
-    assert text.count("tpu_custom_call") == 2 and "all-gather" not in text
