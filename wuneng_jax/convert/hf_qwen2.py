@@ -222,8 +222,15 @@ def _key_order(key: str) -> tuple:
 
 def qwen2_state_dict(model: Qwen2, cfg: Qwen2Config, *, dtype: str | None = None) -> dict[str, np.ndarray]:
     """HF-layout tensors (numpy, ``[out, in]`` linear weights) of ``model``; ``dtype`` casts (default: keep)."""
+    return collect_state_dict(model, hf_param_map(cfg), dtype=dtype)
+
+
+def collect_state_dict(
+    model: nnx.Module, param_map: dict[str, tuple[tuple[str | int, ...], bool]], *, dtype: str | None = None
+) -> dict[str, np.ndarray]:
+    """Tensors of ``model`` by file key: ``param_map`` maps each key to (attribute path, transposed)."""
     out = {}
-    for key, (attr, transposed) in hf_param_map(cfg).items():
+    for key, (attr, transposed) in param_map.items():
         try:
             var = _resolve(model, attr)
         except (AttributeError, IndexError, TypeError):

@@ -22,11 +22,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
-from wuneng_jax.convert.hf_qwen2 import hf_param_map, qwen2_config_from_hf, qwen2_config_to_hf
+from wuneng_jax.convert.hf_qwen2 import (
+    _resolve,
+    collect_state_dict,
+    hf_param_map,
+    qwen2_config_from_hf,
+    qwen2_config_to_hf,
+)
 from wuneng_jax.convert.safetensors_io import read_safetensors_dir, write_safetensors_dir
 from wuneng_jax.layers.params import place
 from wuneng_jax.models.qwen2 import Qwen2Config
@@ -101,30 +106,9 @@ def wuneng_param_map(cfg: WuNengConfig) -> dict[str, tuple[tuple[str | int, ...]
     return m
 
 
-def _resolve(model: nnx.Module, path: tuple[str | int, ...]) -> Any:
-    obj: Any = model
-    for part in path:
-        obj = obj[part] if isinstance(part, int) else getattr(obj, part)
-    return obj
-
-
 def wuneng_state_dict(model: WuNeng, cfg: WuNengConfig, *, dtype: str | None = None) -> dict[str, np.ndarray]:
     """All tensors of ``model`` under their file names (numpy); ``dtype`` casts (default: keep)."""
-    out = {}
-    for key, (attr, transposed) in wuneng_param_map(cfg).items():
-        try:
-            var = _resolve(model, attr)
-        except (AttributeError, IndexError, TypeError):
-            raise ValueError(
-                f"model has no parameter for {key!r} (expected at {'.'.join(map(str, attr))})"
-            ) from None
-        arr = np.asarray(jax.device_get(var[...]))
-        if transposed:
-            arr = np.ascontiguousarray(arr.T)
-        if dtype is not None:
-            arr = arr.astype(jax.numpy.dtype(dtype))
-        out[key] = arr
-    return out
+    return collect_state_dict(model, wuneng_param_map(cfg), dtype=dtype)
 
 
 def save_wuneng(
