@@ -203,15 +203,7 @@ def load_qwen2(path: str | Path, **overrides: Any) -> tuple[Qwen2Config, Qwen2]:
             f"{_list_keys(unexpected)}"
         )
     model = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
-    for key, (attr, transposed) in pmap.items():
-        var = _resolve(model, attr)
-        want = tuple(var.shape[::-1]) if transposed else tuple(var.shape)
-        arr = tensors[key]
-        if tuple(arr.shape) != want:
-            raise ValueError(
-                f"{path}: tensor {key!r} has shape {tuple(arr.shape)}, the config expects {want}"
-            )
-        var.set_value(place(arr.T if transposed else arr, var, cfg.param_dtype))
+    fill_from_state_dict(model, tensors, pmap, cfg.param_dtype, path)
     return cfg, model
 
 
@@ -223,6 +215,26 @@ def _key_order(key: str) -> tuple:
 def qwen2_state_dict(model: Qwen2, cfg: Qwen2Config, *, dtype: str | None = None) -> dict[str, np.ndarray]:
     """HF-layout tensors (numpy, ``[out, in]`` linear weights) of ``model``; ``dtype`` casts (default: keep)."""
     return collect_state_dict(model, hf_param_map(cfg), dtype=dtype)
+
+
+def fill_from_state_dict(
+    model: nnx.Module,
+    tensors: dict[str, np.ndarray],
+    param_map: dict[str, tuple[tuple[str | int, ...], bool]],
+    param_dtype: str,
+    path: str | Path,
+) -> None:
+    """Set every parameter of ``model`` from ``tensors`` (the inverse of :func:`collect_state_dict`),
+    checking shapes; ``path`` names the checkpoint in errors."""
+    for key, (attr, transposed) in param_map.items():
+        var = _resolve(model, attr)
+        want = tuple(var.shape[::-1]) if transposed else tuple(var.shape)
+        arr = tensors[key]
+        if tuple(arr.shape) != want:
+            raise ValueError(
+                f"{path}: tensor {key!r} has shape {tuple(arr.shape)}, the config expects {want}"
+            )
+        var.set_value(place(arr.T if transposed else arr, var, param_dtype))
 
 
 def collect_state_dict(

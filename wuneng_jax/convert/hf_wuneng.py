@@ -26,14 +26,13 @@ import numpy as np
 from flax import nnx
 
 from wuneng_jax.convert.hf_qwen2 import (
-    _resolve,
     collect_state_dict,
+    fill_from_state_dict,
     hf_param_map,
     qwen2_config_from_hf,
     qwen2_config_to_hf,
 )
 from wuneng_jax.convert.safetensors_io import read_safetensors_dir, write_safetensors_dir
-from wuneng_jax.layers.params import place
 from wuneng_jax.models.qwen2 import Qwen2Config
 from wuneng_jax.models.wuneng import WuNeng, WuNengConfig, hybrid_param_names
 
@@ -175,15 +174,7 @@ def load_wuneng(path: str | Path, **overrides: Any) -> tuple[WuNengConfig, WuNen
             f"{unexpected[:12]}"
         )
     model = nnx.eval_shape(lambda: WuNeng(cfg, rngs=nnx.Rngs(0)))
-    for key, (attr, transposed) in pmap.items():
-        var = _resolve(model, attr)
-        want = tuple(var.shape[::-1]) if transposed else tuple(var.shape)
-        arr = tensors[key]
-        if tuple(arr.shape) != want:
-            raise ValueError(
-                f"{path}: tensor {key!r} has shape {tuple(arr.shape)}, the config expects {want}"
-            )
-        var.set_value(place(arr.T if transposed else arr, var, cfg.param_dtype))
+    fill_from_state_dict(model, tensors, pmap, cfg.param_dtype, path)
     return cfg, model
 
 
