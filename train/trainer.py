@@ -129,7 +129,12 @@ class Trainer:
     """One training run described by a :class:`TrainConfig`.
 
     ``echo`` prints user-facing lines (primary process only). ``model_builder`` (tests) replaces
-    ``wuneng_jax.models.build_model``.
+    ``wuneng_jax.models.build_model``. ``data_factory(trainer) -> (train_iterator, eval_batches)``
+    replaces the token-store data (``cfg.data``): ``train_iterator`` yields local batches (dicts of
+    ``[local_batch, seq_len]`` numpy arrays with the keys of ``train.data.pipeline``) and has
+    ``get_state()``/``set_state()`` (saved in checkpoints, e.g. a ``grain.DatasetIterator``);
+    ``eval_batches`` is a re-iterable of local eval batches of ``local_batch // grad_accum_steps``
+    rows, or None.
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class Trainer:
         *,
         echo: Callable[[str], None] | None = None,
         model_builder: Callable[..., Any] | None = None,
+        data_factory: Callable[[Trainer], tuple[Any, Any]] | None = None,
     ):
         initialize_distributed(cfg.distributed)
         self.cfg = cfg
@@ -150,6 +156,7 @@ class Trainer:
 
             model_builder = build_model
         self._build = lambda rngs: model_builder(self.model_cfg, rngs=rngs)
+        self._data_factory = data_factory
         self.resolved = dataclasses.replace(cfg, model=model_config_dict(self.model_cfg))
 
         # Mesh and shapes
@@ -208,6 +215,8 @@ class Trainer:
         }
 
     def _open_data(self):
+        if self._data_factory is not None:
+            return self._data_factory(self)
         from train.data import pipeline
         from train.data.store import TokenStore
 
