@@ -33,6 +33,7 @@ from wuneng_jax.layers.linear import Linear
 from wuneng_jax.layers.mlp import SwiGLU
 from wuneng_jax.layers.norms import RMSNorm
 from wuneng_jax.layers.packing import resolve_segments
+from wuneng_jax.layers.remat import check_remat, remat_layer
 from wuneng_jax.layers.rope import RopeTables, apply_rope, rope_tables
 from wuneng_jax.sharding import (
     ACT_EMBED,
@@ -81,6 +82,7 @@ class Qwen2Config:
     param_dtype: str = "float32"
     initializer_range: float = 0.02
     attention_impl: str = "auto"
+    remat: str = "none"  # per-layer rematerialisation policy (wuneng_jax.layers.remat)
 
     def __post_init__(self):
         if self.head_dim is None and isinstance(self.num_heads, int) and self.num_heads > 0:
@@ -135,6 +137,7 @@ class Qwen2Config:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"Qwen2Config.{name}={getattr(self, name)!r}: must be one of {list(DTYPES)}")
+        check_remat(f"{type(self).__name__}.remat", self.remat)
         if self.attention_impl not in IMPLS:
             raise ValueError(
                 f"Qwen2Config.attention_impl={self.attention_impl!r}: must be one of {list(IMPLS)}"
@@ -253,6 +256,12 @@ class Qwen2DecoderLayer(nnx.Module):
         return constrain(h, (BATCH, LENGTH, ACT_EMBED)), o
 
 
+def _call_layer(
+    layer: Qwen2DecoderLayer, h: jax.Array, rope: RopeTables, segment_ids: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    return layer(h, rope=rope, segment_ids=segment_ids)
+
+
 class Qwen2(nnx.Module):
     """Qwen2 causal LM: ``model(tokens, segment_ids=None, positions=None) -> float32 logits [B,T,V]``."""
 
@@ -317,8 +326,9 @@ class Qwen2(nnx.Module):
         segment_ids, _, rope = self.prepare(tokens, segment_ids, positions)
         h = self.embed(tokens)
         hidden, attn = [h], []
+        call = remat_layer(_call_layer, self.cfg.remat)
         for layer in self.layers:
-            h, o = layer(h, rope=rope, segment_ids=segment_ids)
+            h, o = call(layer, h, rope, segment_ids)
             hidden.append(h)
             attn.append(o)
         return Qwen2Outputs(self.head(h), tuple(hidden), tuple(attn))
@@ -329,8 +339,9 @@ class Qwen2(nnx.Module):
         """tokens int ``[B,T]`` (+ segment ids, positions ``[B,T]``) -> float32 logits ``[B,T,V]``."""
         segment_ids, _, rope = self.prepare(tokens, segment_ids, positions)
         h = self.embed(tokens)
+        call = remat_layer(_call_layer, self.cfg.remat)
         for layer in self.layers:
-            h, _ = layer(h, rope=rope, segment_ids=segment_ids)
+            h, _ = call(layer, h, rope, segment_ids)
         return self.head(h)
 
 

@@ -35,6 +35,7 @@ from wuneng_jax.config import register_family, register_preset
 from wuneng_jax.layers import rwkv7_ops as ops
 from wuneng_jax.layers.norms import GroupNorm, LayerNorm, group_norm
 from wuneng_jax.layers.params import sharded_param
+from wuneng_jax.layers.remat import check_remat, remat_layer
 from wuneng_jax.sharding import (
     ACT_EMBED,
     ACT_HEADS,
@@ -87,6 +88,7 @@ class RWKV7Config:
     param_dtype: str = "float32"
     wkv_impl: str = "auto"  # pallas_kernels.wkv7 impl
     wkv_chunk_size: int | None = None
+    remat: str = "none"  # per-layer rematerialisation policy (wuneng_jax.layers.remat)
 
     def __post_init__(self) -> None:
         if isinstance(self.n_embd, int) and self.n_embd > 0:
@@ -130,6 +132,7 @@ class RWKV7Config:
                 raise ValueError(
                     f"RWKV7Config.{name}={getattr(self, name)!r} is not supported; use one of {DTYPES}"
                 )
+        check_remat("RWKV7Config.remat", self.remat)
         if self.wkv_impl not in WKV_IMPLS:
             raise ValueError(f"RWKV7Config.wkv_impl={self.wkv_impl!r} is unknown; use one of {WKV_IMPLS}")
         if self.wkv_chunk_size is not None and (
@@ -532,8 +535,9 @@ class RWKV7(nnx.Module):
         x = constrain(x, (BATCH, LENGTH, ACT_EMBED))
         v_first = None
         layer_states = []
+        call = remat_layer(Block.__call__, cfg.remat)
         for i, block in enumerate(self.blocks):
-            x, v_first, st = block(x, v_first, None if state is None else state.layer(i), reset)
+            x, v_first, st = call(block, x, v_first, None if state is None else state.layer(i), reset)
             layer_states.append(st)
         x = self.ln_out(x)
         out_dt = jnp.promote_types(dt, jnp.float32)  # float32 (float64 for a float64 model)

@@ -65,6 +65,7 @@ from wuneng_jax.layers.mlp import SwiGLU
 from wuneng_jax.layers.norms import RMSNorm, group_norm, rms_norm
 from wuneng_jax.layers.packing import document_starts
 from wuneng_jax.layers.params import sharded_param
+from wuneng_jax.layers.remat import remat_layer
 from wuneng_jax.layers.rope import RopeTables, apply_rope
 from wuneng_jax.models.qwen2 import (
     QWEN2_TINY,
@@ -748,6 +749,12 @@ def run_layer(
     return LayerOut(h, o, None, None)
 
 
+def _run_layer_positional(
+    layer: nnx.Module, h: jax.Array, rope: RopeTables, segment_ids: jax.Array, state: WuNengLayerState | None
+) -> LayerOut:
+    return run_layer(layer, h, rope=rope, segment_ids=segment_ids, state=state)
+
+
 class WuNengOutputs(NamedTuple):
     """``forward_with_intermediates`` result.
 
@@ -859,10 +866,9 @@ class WuNeng(nnx.Module):
             self._check_state(state, tokens.shape[0])
         h = self.embed(tokens)
         hidden, attn, branch, states = [h], [], [], []
+        call = remat_layer(_run_layer_positional, self.cfg.remat)
         for i, layer in enumerate(self.layers):
-            out = run_layer(
-                layer, h, rope=rope, segment_ids=segment_ids, state=None if state is None else state[i]
-            )
+            out = call(layer, h, rope, segment_ids, None if state is None else state[i])
             h = out.h
             hidden.append(h)
             attn.append(out.o)
