@@ -31,7 +31,6 @@ from wuneng_jax.config import family_of
 from wuneng_jax.decode.state import DecodeState, KVCache, init_kv_cache
 from wuneng_jax.layers import rwkv7_ops as ops
 from wuneng_jax.layers.attention import dot_product_attention, reference_attention
-from wuneng_jax.layers.linear import linear
 from wuneng_jax.layers.rope import RopeTables, apply_rope, rope_tables
 from wuneng_jax.sharding import ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, BATCH, LENGTH, constrain
 
@@ -250,39 +249,12 @@ class _wkv_impl:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _hybrid_block(p, u, *, cfg, wkv_cfg, reset, layer_state, attend):
-    """``hybrid_attention`` of ``wuneng_jax.models.wuneng`` with the attention supplied by ``attend(q, k, v)``
-    (q/k pre-RoPE) -> (o ``[B,T,d]``, new layer state)."""
-    from wuneng_jax.models.wuneng import fuse_heads, query_with_state, state_read
-
-    b, t, _ = u.shape
-    hh, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = constrain(
-        linear(u, p["q_kernel"], p["q_bias"]).reshape(b, t, hh, hd), (BATCH, LENGTH, ACT_HEADS, None)
-    )
-    k = constrain(
-        linear(u, p["k_kernel"], p["k_bias"]).reshape(b, t, g, hd), (BATCH, LENGTH, ACT_KV_HEADS, None)
-    )
-    v = constrain(
-        linear(u, p["v_kernel"], p["v_bias"]).reshape(b, t, g, hd), (BATCH, LENGTH, ACT_KV_HEADS, None)
-    )
-    if cfg.state_value == "attention_value":
-        r, new_state = state_read(p, u, k, v.reshape(b, t, -1), cfg=wkv_cfg, reset=reset, state=layer_state)
-        a = attend(query_with_state(p, q, r) if cfg.state_query else q, k, v)
-    else:  # attention_output (the config forbids it together with state_query)
-        a = attend(q, k, v)
-        v_s = linear(a.reshape(b, t, -1), p["state_v_proj"])
-        r, new_state = state_read(p, u, k, v_s, cfg=wkv_cfg, reset=reset, state=layer_state)
-    return constrain(fuse_heads(p, a, r, cfg=cfg), (BATCH, LENGTH, ACT_EMBED)), new_state
-
-
 def _wuneng_forward(model, tokens, valid, state: DecodeState, *, last_only: bool):
-    from wuneng_jax.models.wuneng import WuNengDecoderLayer
+    from wuneng_jax.models.wuneng import WuNengDecoderLayer, hybrid_attention
 
     cfg = model.cfg
     t = tokens.shape[1]
     seg, positions, new_state = _layout(valid, state, t)
-    reset = ops.segment_reset(seg) if valid is not None else None
     wkv_cfg = dataclasses.replace(cfg, wkv_impl="reference") if _stepwise(valid, t) else cfg
     rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.dtype)
     attn = CachedAttention(
@@ -297,16 +269,17 @@ def _wuneng_forward(model, tokens, valid, state: DecodeState, *, last_only: bool
     layer_states = []
     for i, layer in enumerate(model.layers):
         if isinstance(layer, WuNengDecoderLayer):
-            o, st = _hybrid_block(
+            out = hybrid_attention(
                 layer.self_attn.params(),
                 layer.input_layernorm(h),
-                cfg=cfg,
-                wkv_cfg=wkv_cfg,
-                reset=reset,
-                layer_state=state.recurrent[i],
+                cfg=wkv_cfg,
+                rope=rope,
+                segment_ids=seg,  # with a given state: resets at later document starts only
+                state=state.recurrent[i],
                 attend=lambda q, k, v, i=i: attn(i, q, k, v),
             )
-            h = h + o
+            st = out.state
+            h = h + out.o
             h = constrain(h + layer.mlp(layer.post_attention_layernorm(h)), (BATCH, LENGTH, ACT_EMBED))
         else:
             st = None

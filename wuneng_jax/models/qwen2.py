@@ -20,6 +20,7 @@ output (teacher targets for the ``align`` stage).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
 import jax
@@ -233,7 +234,7 @@ class Qwen2DecoderLayer(nnx.Module):
 
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
-        self.self_attn = Qwen2Attention(cfg, rngs=rngs)
+        self.self_attn = self.make_attention(cfg, rngs)
         self.post_attention_layernorm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype
         )
@@ -245,6 +246,10 @@ class Qwen2DecoderLayer(nnx.Module):
             init_std=cfg.initializer_range,
             rngs=rngs,
         )
+
+    def make_attention(self, cfg: Qwen2Config, rngs: nnx.Rngs) -> nnx.Module:
+        """The layer's attention block (the WuNeng layer overrides this)."""
+        return Qwen2Attention(cfg, rngs=rngs)
 
     def __call__(
         self, h: jax.Array, *, rope: RopeTables, segment_ids: jax.Array
@@ -265,11 +270,20 @@ def _call_layer(
 class Qwen2(nnx.Module):
     """Qwen2 causal LM: ``model(tokens, segment_ids=None, positions=None) -> float32 logits [B,T,V]``."""
 
-    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: Qwen2Config,
+        *,
+        rngs: nnx.Rngs,
+        make_layer: Callable[[int], nnx.Module] | None = None,
+    ):
+        """``make_layer(i)`` builds layer ``i`` (default a :class:`Qwen2DecoderLayer`; WuNeng passes its own)."""
         cfg.validate()
         _check_dtype_available(cfg.dtype)
         _check_dtype_available(cfg.param_dtype)
         self.cfg = cfg
+        if make_layer is None:
+            make_layer = lambda _: Qwen2DecoderLayer(cfg, rngs=rngs)  # noqa: E731
         self.embed_tokens = Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -278,7 +292,7 @@ class Qwen2(nnx.Module):
             init_std=cfg.initializer_range,
             rngs=rngs,
         )
-        self.layers = nnx.List([Qwen2DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([make_layer(i) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
         self.lm_head = (
             None

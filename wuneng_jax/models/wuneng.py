@@ -45,7 +45,7 @@ sees the tokens of the call.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -59,10 +59,8 @@ from pallas_kernels.wkv7 import SUPPORTED_HEAD_SIZES
 from wuneng_jax.config import register_family, register_preset
 from wuneng_jax.layers import rwkv7_ops as ops
 from wuneng_jax.layers.attention import dot_product_attention
-from wuneng_jax.layers.embed import Embed
-from wuneng_jax.layers.linear import Linear, linear
-from wuneng_jax.layers.mlp import SwiGLU
-from wuneng_jax.layers.norms import RMSNorm, group_norm, rms_norm
+from wuneng_jax.layers.linear import linear
+from wuneng_jax.layers.norms import group_norm, rms_norm
 from wuneng_jax.layers.packing import document_starts
 from wuneng_jax.layers.params import sharded_param
 from wuneng_jax.layers.remat import remat_layer
@@ -76,7 +74,6 @@ from wuneng_jax.models.qwen2 import (
     Qwen2Attention,
     Qwen2Config,
     Qwen2DecoderLayer,
-    _check_dtype_available,
 )
 from wuneng_jax.sharding import (
     ACT_EMBED,
@@ -90,7 +87,6 @@ from wuneng_jax.sharding import (
     LORA,
     NORM,
     STATE_HEADS,
-    VOCAB,
     constrain,
 )
 
@@ -595,6 +591,7 @@ def hybrid_attention(
     rope: RopeTables,
     segment_ids: jax.Array,
     state: WuNengLayerState | None = None,
+    attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
 ) -> HybridOut:
     """The WuNeng hybrid attention block on the normed input ``u`` ``[B,T,d]`` (compute dtype ``u.dtype``).
 
@@ -604,6 +601,8 @@ def hybrid_attention(
       rope: RoPE tables ``[B,T,D]``; segment_ids: int ``[B,T]`` (attention mask and state resets).
       state: state before ``u[:, 0]``; ``None`` starts from zeros (and resets at t = 0), a given state
         is continued at t = 0 (later document starts in ``segment_ids`` still reset it).
+      attend: ``attend(q, k, v) -> A`` ``[B,T,H,D]`` from pre-RoPE ``q`` ``[B,T,H,D]``, ``k``/``v``
+        ``[B,T,G,D]`` (the decoder's KV-cached attention); default: causal attention within segments.
     Returns:
       :class:`HybridOut`.
     """
@@ -617,23 +616,27 @@ def hybrid_attention(
     v = constrain(v, (BATCH, LENGTH, ACT_KV_HEADS, None))
     reset = document_starts(segment_ids) if state is None else ops.segment_reset(segment_ids)
 
-    def attend(q: jax.Array) -> jax.Array:
-        a = dot_product_attention(
-            apply_rope(q, rope),
-            apply_rope(k, rope),
-            v,
-            segment_ids_q=segment_ids,
-            segment_ids_kv=segment_ids,
-            causal=True,
-            impl=cfg.attention_impl,
-        )
-        return constrain(a, (BATCH, LENGTH, ACT_HEADS, None))
+    if attend is None:
+
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+            return dot_product_attention(
+                apply_rope(q, rope),
+                apply_rope(k, rope),
+                v,
+                segment_ids_q=segment_ids,
+                segment_ids_kv=segment_ids,
+                causal=True,
+                impl=cfg.attention_impl,
+            )
+
+    def attend_q(q: jax.Array) -> jax.Array:
+        return constrain(attend(q, k, v), (BATCH, LENGTH, ACT_HEADS, None))
 
     if cfg.state_value == "attention_value":
         r, new_state = state_read(p, u, k, v.reshape(b, t, -1), cfg=cfg, reset=reset, state=state)
-        a = attend(query_with_state(p, q, r) if cfg.state_query else q)
+        a = attend_q(query_with_state(p, q, r) if cfg.state_query else q)
     else:  # attention_output (validated: state_query is off)
-        a = attend(q)
+        a = attend_q(q)
         v_s = linear(a.reshape(b, t, -1), p["state_v_proj"])
         r, new_state = state_read(p, u, k, v_s, cfg=cfg, reset=reset, state=state)
     o = constrain(fuse_heads(p, a, r, cfg=cfg), (BATCH, LENGTH, ACT_EMBED))
@@ -706,23 +709,15 @@ class LayerOut(NamedTuple):
     state: WuNengLayerState | None
 
 
-class WuNengDecoderLayer(nnx.Module):
+class WuNengDecoderLayer(Qwen2DecoderLayer):
     """``h + hybrid_attn(RMSNorm(h))`` then ``+ SwiGLU(RMSNorm(·))``; attribute names as Qwen2's layer."""
 
     def __init__(self, cfg: WuNengConfig, layer_id: int, *, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
-        self.self_attn = WuNengAttention(cfg, layer_id, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(
-            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype
-        )
-        self.mlp = SwiGLU(
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            init_std=cfg.initializer_range,
-            rngs=rngs,
-        )
+        self.layer_id = layer_id
+        super().__init__(cfg, rngs=rngs)
+
+    def make_attention(self, cfg: WuNengConfig, rngs: nnx.Rngs) -> nnx.Module:
+        return WuNengAttention(cfg, self.layer_id, rngs=rngs)
 
     def __call__(
         self, h: jax.Array, *, rope: RopeTables, segment_ids: jax.Array, state: WuNengLayerState | None = None
@@ -787,39 +782,15 @@ class WuNeng(nnx.Module):
     def __init__(self, cfg: WuNengConfig, *, rngs: nnx.Rngs):
         if not isinstance(cfg, WuNengConfig):
             raise ValueError(f"WuNeng needs a WuNengConfig, got {type(cfg).__name__}")
-        cfg.validate()
-        _check_dtype_available(cfg.dtype)
-        _check_dtype_available(cfg.param_dtype)
-        self.cfg = cfg
-        self.embed_tokens = Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            init_std=cfg.initializer_range,
+        Qwen2.__init__(
+            self,
+            cfg,
             rngs=rngs,
-        )
-        self.layers = nnx.List(
-            [
+            make_layer=lambda i: (
                 WuNengDecoderLayer(cfg, i, rngs=rngs)
                 if cfg.is_hybrid(i)
                 else Qwen2DecoderLayer(cfg, rngs=rngs)
-                for i in range(cfg.num_layers)
-            ]
-        )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
-        self.lm_head = (
-            None
-            if cfg.tie_word_embeddings
-            else Linear(
-                cfg.hidden_size,
-                cfg.vocab_size,
-                names=(EMBED, VOCAB),
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                kernel_init=nnx.initializers.normal(cfg.initializer_range),
-                rngs=rngs,
-            )
+            ),
         )
 
     def init_state(self, batch_size: int) -> tuple[WuNengLayerState | None, ...]:
