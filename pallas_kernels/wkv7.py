@@ -7,21 +7,36 @@ One function, several implementations with identical semantics (``ARCHITECTURE.m
 * ``"pallas"``: the same chunked form with its sequential inter-chunk state pass as a Pallas kernel
   (:mod:`pallas_kernels.wkv7_pallas`; Mosaic on TPU, Triton on GPU, the Pallas interpreter on CPU);
 * ``"auto"``: ``"pallas"`` on TPU and GPU backends, ``"chunked"`` elsewhere.
+
+Under a mesh (``jax.set_mesh``), ``impl="pallas"`` runs inside ``jax.shard_map``: XLA cannot partition a Mosaic
+kernel (``"wrap the call in a shard_map"``), and the recurrence is independent per batch element and head, so
+each device runs the kernel on its own ``[B/.., T, H/.., N]`` block (the sequence axis is gathered). Which mesh
+axes shard batch and heads is asked of the function registered with :func:`set_partition_resolver` (the model
+library maps its logical axis names there); without one, batch takes the mesh axes (of size > 1) that divide
+it, in mesh order, and heads the remaining ones. A one-device mesh, or a call already inside ``shard_map`` over
+every mesh axis, is left as is.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.wkv7_chunked import wkv7_chunked
 from pallas_kernels.wkv7_pallas import DEFAULT_PALLAS_CHUNK, wkv7_pallas
 from pallas_kernels.wkv7_reference import wkv7_reference
 
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
+MeshAxes = str | tuple[str, ...] | None
+#: ``resolver(mesh) -> (batch_axes, head_axes)`` or None (use the default); see :func:`set_partition_resolver`.
+PartitionResolver = Callable[[jax.sharding.AbstractMesh], tuple[MeshAxes, MeshAxes] | None]
+_partition_resolver: PartitionResolver | None = None
 IMPLS = ("auto", "reference", "chunked", "pallas")
 DEFAULT_CHUNK_SIZE = {"chunked": 16, "pallas": DEFAULT_PALLAS_CHUNK}
 
@@ -71,6 +86,54 @@ def _validate(r, log_w, k, v, a, b, initial_state, reset, impl, chunk_size) -> N
             )
 
 
+def set_partition_resolver(resolver: PartitionResolver | None) -> PartitionResolver | None:
+    """Register how ``impl="pallas"`` shards batch and heads under a mesh; returns the previous resolver.
+
+    ``resolver(abstract_mesh)`` returns ``(batch_axes, head_axes)`` (a mesh axis name, a tuple of names, or
+    None each) for the current context, or None to fall back to the default (see the module docstring). Axes
+    whose size does not divide the batch / head count are dropped (those dims are then replicated).
+    """
+    global _partition_resolver
+    previous, _partition_resolver = _partition_resolver, resolver
+    return previous
+
+
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _fit_axes(axes: MeshAxes, size: int, mesh, free: set[str]) -> tuple[str, ...]:
+    """The longest prefix of ``axes`` that is free (auto, unused) and whose product divides ``size``."""
+    out: list[str] = []
+    for ax in _as_tuple(axes):
+        if ax not in free or size % (math.prod(mesh.shape[a] for a in (*out, ax))) != 0:
+            break
+        out.append(ax)
+    return tuple(out)
+
+
+def _kernel_partition(mesh, bsz: int, heads: int) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """Mesh axes ``(batch, heads)`` for the shard_map around the kernel; None = no shard_map needed."""
+    free = {a for a in mesh.axis_names if a not in mesh.manual_axes}
+    if math.prod(mesh.shape[a] for a in free) <= 1:
+        return None
+    wanted = _partition_resolver(mesh) if _partition_resolver is not None else None
+    if wanted is None:
+        order = [a for a in mesh.axis_names if a in free and mesh.shape[a] > 1]
+        batch = _fit_axes(tuple(order), bsz, mesh, free)
+        rest = [a for a in order if a not in batch and heads % mesh.shape[a] == 0]
+        wanted = (batch, tuple(rest))
+    batch = _fit_axes(wanted[0], bsz, mesh, free)
+    head = _fit_axes(wanted[1], heads, mesh, free - set(batch))
+    return batch, head
+
+
+def _spec_axes(axes: tuple[str, ...]) -> MeshAxes:
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
 def _resolve_impl(impl: str) -> str:
     if impl != "auto":
         return impl
@@ -112,7 +175,39 @@ def wkv7(
     _validate(r, log_w, k, v, a, b, initial_state, reset, impl, chunk_size)
     impl = _resolve_impl(impl)
     chunk = chunk_size or DEFAULT_CHUNK_SIZE.get(impl, 16)
-    return _wkv7_jit(r, log_w, k, v, a, b, initial_state, reset, impl=impl, chunk_size=chunk)
+    call = functools.partial(_wkv7_jit, impl=impl, chunk_size=chunk)
+    mesh = jax.sharding.get_abstract_mesh()
+    if impl == "pallas" and not mesh.empty:
+        partition = _kernel_partition(mesh, r.shape[0], r.shape[2])
+        if partition is not None:
+            return _shard_mapped(call, mesh, partition, r, log_w, k, v, a, b, initial_state, reset)
+    return call(r, log_w, k, v, a, b, initial_state, reset)
+
+
+def _shard_mapped(call, mesh, partition, r, log_w, k, v, a, b, initial_state, reset):
+    """``call`` inside ``jax.shard_map``: batch and heads split over ``partition``, everything else whole."""
+    bx, hx = (_spec_axes(axes) for axes in partition)
+    act, state, rows = P(bx, None, hx, None), P(bx, hx), P(bx, None)
+    optional = {"initial_state": (initial_state, state), "reset": (reset, rows)}
+    present = [name for name, (x, _) in optional.items() if x is not None]
+
+    def local(*xs):
+        extra = dict(zip(present, xs[6:], strict=True))
+        return call(*xs[:6], extra.get("initial_state"), extra.get("reset"))
+
+    in_specs = (act,) * 6 + tuple(optional[name][1] for name in present)
+    args = (r, log_w, k, v, a, b, *(optional[name][0] for name in present))
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(act, state), check_vma=False)
+    return mapped(*args)
+
+
+def _vary_like_inputs(state: jax.Array, *inputs: jax.Array) -> jax.Array:
+    """Inside ``shard_map`` (``check_vma``): mark the state varying over every manual axis an input varies
+    over (a zero initial state is device-invariant, the state it becomes is not; a scan carry needs one type).
+    Outside ``shard_map`` the sets are empty and this is the identity."""
+    varying = frozenset().union(*(jax.typeof(x).mat.varying for x in inputs))
+    missing = tuple(sorted(varying - jax.typeof(state).mat.varying))
+    return jax.lax.pcast(state, missing, to="varying") if missing else state
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
@@ -124,8 +219,7 @@ def _wkv7_jit(r, log_w, k, v, a, b, initial_state, reset, *, impl: str, chunk_si
     bsz, _, heads, n = r.shape
     if initial_state is None:
         initial_state = jnp.zeros((bsz, heads, n, n), compute)
-    else:
-        initial_state = initial_state.astype(compute)
+    initial_state = _vary_like_inputs(initial_state.astype(compute), r, log_w, k, v, a, b)
     if impl == "reference":
         o, state = wkv7_reference(r, log_w, k, v, a, b, initial_state, reset)
     elif impl == "pallas":

@@ -171,9 +171,11 @@ def test_cli_generate_from_hf_dir_and_orbax_run(tmp_path, capsys):
 
 
 def test_load_model_sources(tmp_path):
-    """`load_model` reads a BlinkDL RWKV-7 state dict (exact parameters); bad sources are clear errors."""
+    """`load_model` reads a BlinkDL RWKV-7 state dict and a WuNeng HF-style dir (exact parameters); bad
+    sources are clear errors."""
     from train.generate import load_model
     from wuneng_jax.convert.blinkdl_rwkv7 import export_rwkv7, save_state_dict
+    from wuneng_jax.convert.hf_wuneng import save_wuneng
 
     model = make_model("rwkv7", seed=6)
     save_state_dict(export_rwkv7(model), tmp_path / "rwkv.safetensors")
@@ -181,6 +183,16 @@ def test_load_model_sources(tmp_path):
     assert loaded.kind == "blinkdl_rwkv7" and loaded.cfg.dtype == "bfloat16"
     for (path, a), (_, b) in zip(
         nnx.to_flat_state(nnx.state(model, nnx.Param)),
+        nnx.to_flat_state(nnx.state(loaded.model, nnx.Param)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+    wuneng = make_model("wuneng", seed=7)
+    save_wuneng(wuneng, wuneng.cfg, tmp_path / "wuneng_hf")
+    loaded = load_model(tmp_path / "wuneng_hf")
+    assert loaded.kind == "hf_wuneng" and loaded.cfg.fusion == wuneng.cfg.fusion
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(wuneng, nnx.Param)),
         nnx.to_flat_state(nnx.state(loaded.model, nnx.Param)),
         strict=True,
     ):

@@ -73,18 +73,62 @@ def _eval(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _upcycle_args(p: argparse.ArgumentParser) -> None:
+    from train.upcycle.pipeline import build_parser
+
+    build_parser(p)
+
+
+def _upcycle(args: argparse.Namespace) -> int:
+    from train.upcycle.pipeline import run
+
+    return run(args)
+
+
+def _compile_args(p: argparse.ArgumentParser) -> None:
+    from train.aot.compile import build_parser
+
+    build_parser(p)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from train.aot.compile import platform_defaults, run
+
+    platform_defaults()  # before any JAX backend starts: libtpu only as the TPU compiler
+    return run(args)
+
+
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    from train.experiments.runner import build_parser
+
+    build_parser(p)
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from train.experiments.runner import run
+
+    return run(args)
+
+
 COMMANDS: list[Command] = [
     ("train", _train_args, _train),
     ("prepare-data", _prepare_args, _prepare),
     ("generate", _generate_args, _generate),
     ("eval", _eval_args, _eval),
+    ("upcycle", _upcycle_args, _upcycle),
+    ("compile", _compile_args, _compile),
+    ("experiment", _experiment_args, _experiment),
 ]
 
 _HELP = {
     "train": "train a model from a YAML config (+ key=value overrides); resumes from run_dir",
     "prepare-data": "tokenise text/jsonl files or the embedded stdlib corpus into a token store",
-    "generate": "generate text from a run directory, a Hugging Face Qwen2 dir or a BlinkDL RWKV-7 file",
+    "generate": "generate text from a run directory, a Hugging Face Qwen2/WuNeng dir or a BlinkDL RWKV-7 file",
     "eval": "perplexity on a token store, multiple-choice accuracy, lm-eval tasks",
+    "upcycle": "align -> distill -> sft from a Qwen2 checkpoint to WuNeng, then a Hugging Face-style export "
+    "(resumable)",
+    "compile": "ahead-of-time compile the train step for a TPU topology: per-chip memory, FLOPs, fits or not",
+    "experiment": "train ablation variants on synthetic tasks over seeds and sequence lengths; table + plots",
 }
 
 

@@ -13,7 +13,13 @@ Schema (defaults in brackets)::
     run_dir: str                      # checkpoints, config.yaml, metrics.jsonl, tb/ live here
     model: str | {preset: str, ...field overrides} | {family: str, ...fields}  # wuneng_jax.config
     data: {store, prepare [[]], tokenizer [byte], eval_fraction [0.01], stdlib_max_files,
-           stdlib_max_bytes, shuffle [true], seed [= seed], num_threads [2], prefetch [4]}
+           stdlib_max_bytes, shuffle [true], seed [= seed], num_threads [2], prefetch [4],
+           chat: {files [[]], sample [0], eval_fraction [0.05], overlong [truncate], messages_field,
+                  template: {turn_start, turn_end, turn_separator, default_system, prefix, suffix,
+                             train_roles}}}      # chat jsonl instead of the token store (SFT)
+    stage: {kind [pretrain|align|distill|sft], init_from, teacher, align_branch [state|hybrid],
+            kl_weight [1], kl_temperature [1], ce_weight [0], trainable [[]], freeze [[]],
+            untie_embeddings [false]}                    # train.upcycle; docs/upcycling.md
     steps: int                        # optimizer steps to run (total, counting resumed ones)
     global_batch_size: int            # rows per step over all hosts
     seq_len: int                      # tokens per row
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -139,6 +146,87 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChatTemplateConfig:
+    """How a conversation becomes one token sequence (default: ChatML, Qwen2.5's chat format).
+
+    Per message: ``turn_start`` (``{role}`` replaced) + content + ``turn_end`` + ``turn_separator``; the
+    whole conversation is wrapped in ``prefix`` ... ``suffix``. ``default_system`` (if set) is inserted as
+    a first system message when a conversation has none (Qwen2.5's template uses "You are Qwen, created
+    by Alibaba Cloud. You are a helpful assistant."). The loss covers the content and ``turn_end`` (the
+    end-of-turn token) of the messages whose role is in ``train_roles``, nothing else.
+    """
+
+    turn_start: str = "<|im_start|>{role}\n"
+    turn_end: str = "<|im_end|>"
+    turn_separator: str = "\n"
+    default_system: str | None = None
+    prefix: str = ""
+    suffix: str = ""
+    train_roles: tuple[str, ...] = ("assistant",)
+
+    def validate(self, prefix: str = "data.chat.template") -> None:
+        if "{role}" not in self.turn_start:
+            _fail(f"{prefix}.turn_start", f"{self.turn_start!r} must contain the placeholder {{role}}")
+        try:
+            self.turn_start.format(role="user")
+        except (IndexError, KeyError, ValueError) as e:
+            _fail(
+                f"{prefix}.turn_start",
+                f"{self.turn_start!r} is not a valid template ({e}); only {{role}} "
+                "may appear in braces (write {{ and }} for literal braces)",
+            )
+        if not self.turn_end:
+            _fail(
+                f"{prefix}.turn_end",
+                "must be non-empty: the end-of-turn marker is what the model learns to stop on",
+            )
+        if not self.train_roles:
+            _fail(f"{prefix}.train_roles", "must list at least one role (usually [assistant])")
+
+
+OVERLONG = ("truncate", "drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatDataConfig:
+    """Chat (SFT) data: jsonl files of ``{"messages": [{"role": ..., "content": ...}, ...]}`` records.
+
+    ``files``: jsonl paths or glob patterns; ``sample``: that many conversations of the embedded
+    synthetic sample set instead (tests and the demo, no download). Conversations are rendered by
+    ``template``, tokenised with ``data.tokenizer`` and packed into rows of ``seq_len`` tokens (one
+    conversation per segment, never split); a conversation longer than ``seq_len`` is cut to
+    ``seq_len`` tokens (``overlong: truncate``) or left out (``drop``). ``eval_fraction`` of the
+    conversations (a fixed pseudo-random choice) are held out for evaluation.
+    """
+
+    files: tuple[str, ...] = ()
+    sample: int = 0
+    eval_fraction: float = 0.05
+    overlong: str = "truncate"
+    messages_field: str = "messages"
+    template: ChatTemplateConfig = dataclasses.field(default_factory=ChatTemplateConfig)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.files) or self.sample > 0
+
+    def validate(self, prefix: str = "data.chat") -> None:
+        if self.files and self.sample:
+            _fail(
+                prefix, "set either `files` (your jsonl data) or `sample` (the embedded demo set), not both"
+            )
+        if self.sample < 0:
+            _fail(f"{prefix}.sample", f"must be >= 0, got {self.sample}")
+        if not 0 <= self.eval_fraction < 1:
+            _fail(f"{prefix}.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        if self.overlong not in OVERLONG:
+            _fail(f"{prefix}.overlong", f"{self.overlong!r} is not one of {', '.join(OVERLONG)}")
+        if not self.messages_field:
+            _fail(f"{prefix}.messages_field", "must be a non-empty key name")
+        self.template.validate(f"{prefix}.template")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """The token store read by ``train.data`` (``wuneng prepare-data`` makes one).
 
@@ -146,7 +234,8 @@ class DataConfig:
     exist and ``prepare`` lists inputs (``[stdlib]`` = the embedded Python-stdlib corpus), it is
     created first with ``tokenizer``/``eval_fraction`` (the demo needs no separate step). Training
     reads the ``train`` split (shuffled with ``seed``, default: the top-level seed), evaluation the
-    ``eval`` split.
+    ``eval`` split. With ``chat`` set (SFT), the data are chat jsonl conversations instead of the
+    store (:class:`ChatDataConfig`), tokenised with ``tokenizer``.
     """
 
     store: str = ""
@@ -159,11 +248,15 @@ class DataConfig:
     seed: int | None = None
     num_threads: int = 2
     prefetch: int = 4
+    chat: ChatDataConfig = dataclasses.field(default_factory=ChatDataConfig)
 
     def validate(self, prefix: str = "data") -> None:
-        if not self.store:
+        self.chat.validate(f"{prefix}.chat")
+        if not self.store and not self.chat.enabled:
             _fail(
-                f"{prefix}.store", "is required: the token store path (make one with `wuneng prepare-data`)"
+                f"{prefix}.store",
+                "is required: the token store path (make one with `wuneng prepare-data`), or chat data "
+                "in data.chat.files",
             )
         if not 0 <= self.eval_fraction < 1:
             _fail(f"{prefix}.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
@@ -294,6 +387,90 @@ class ProfilerConfig:
             _fail(f"{prefix}.num_steps", f"must be >= 1, got {self.num_steps}")
 
 
+STAGE_KINDS: tuple[str, ...] = ("pretrain", "align", "distill", "sft")
+ALIGN_BRANCHES: tuple[str, ...] = ("state", "hybrid")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """What a run trains and against what (``train.upcycle``; ``docs/upcycling.md``).
+
+    ``kind``: ``pretrain`` (next-token CE), ``align`` (per-layer L2 between the teacher's attention
+    output and the student branch ``align_branch``, teacher-forced), ``distill`` (``kl_weight`` ·
+    KL(teacher ‖ student) at ``kl_temperature`` + ``ce_weight`` · CE), ``sft`` (CE on ``loss_mask``,
+    i.e. assistant tokens of chat data).
+
+    ``init_from``: where the student's weights start (instead of a random init): a Hugging Face Qwen2
+    directory (upcycled when ``model.family`` is ``wuneng``), a WuNeng directory (``wuneng_format.md``),
+    a training run directory (its newest checkpoint, e.g. the previous stage), or a model preset /
+    mapping (random init, ``seed`` key optional; tests). ``model`` then holds only ``family`` and the
+    settings the source lacks (hybrid settings when upcycling).
+
+    ``teacher``: ``self`` (align default: the student's own frozen Qwen2 weights, no extra memory) or
+    a source as for ``init_from`` holding a ``qwen2`` model (distill: required).
+
+    ``trainable`` / ``freeze``: named parameter groups (``all embeddings attention mlp norms state fusion
+    hybrid base``) or regular expressions on parameter paths (``layers.3.mlp.up_proj.kernel``);
+    trainable = union(trainable or the kind's default) minus union(freeze). Defaults: align trains
+    ``state`` (``hybrid`` for the hybrid branch), the others ``all``.
+
+    ``untie_embeddings``: give a tied-embedding source its own LM head (a copy of the embedding), as
+    ARWKV does from stage 2 on.
+    """
+
+    kind: str = "pretrain"
+    init_from: Any = None
+    teacher: Any = None
+    align_branch: str = "state"
+    kl_weight: float = 1.0
+    kl_temperature: float = 1.0
+    ce_weight: float = 0.0
+    trainable: tuple[str, ...] = ()
+    freeze: tuple[str, ...] = ()
+    untie_embeddings: bool = False
+
+    def validate(self, prefix: str = "stage") -> None:
+        if self.kind not in STAGE_KINDS:
+            _fail(f"{prefix}.kind", f"{self.kind!r} is not one of {', '.join(STAGE_KINDS)}")
+        for name in ("init_from", "teacher"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, str) and v) and not isinstance(v, Mapping):
+                _fail(f"{prefix}.{name}", f"expected a path, a preset name or a model mapping, got {v!r}")
+        if self.align_branch not in ALIGN_BRANCHES:
+            _fail(
+                f"{prefix}.align_branch", f"{self.align_branch!r} is not one of {', '.join(ALIGN_BRANCHES)}"
+            )
+        if self.kind in ("pretrain", "sft") and self.teacher is not None:
+            _fail(
+                f"{prefix}.teacher", f"a {self.kind} stage has no teacher (teachers serve align and distill)"
+            )
+        if self.kind == "distill":
+            if self.teacher is None:
+                _fail(
+                    f"{prefix}.teacher",
+                    "distill needs a teacher: a Hugging Face Qwen2 directory, a qwen2 run directory or a preset",
+                )
+            if self.teacher == "self":
+                _fail(f"{prefix}.teacher", "distill cannot use `self`; name the teacher model's directory")
+        for name in ("kl_weight", "ce_weight"):
+            if getattr(self, name) < 0:
+                _fail(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.kind == "distill" and self.kl_weight == 0 and self.ce_weight == 0:
+            _fail(prefix, "kl_weight and ce_weight are both 0: nothing to train")
+        if not self.kl_temperature > 0:
+            _fail(f"{prefix}.kl_temperature", f"must be > 0, got {self.kl_temperature}")
+        for name in ("trainable", "freeze"):
+            for i, entry in enumerate(getattr(self, name)):
+                if not entry:
+                    _fail(f"{prefix}.{name}[{i}]", "empty entry")
+                try:
+                    re.compile(entry)
+                except re.error as e:
+                    _fail(
+                        f"{prefix}.{name}[{i}]", f"{entry!r} is neither a group name nor a valid regex ({e})"
+                    )
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     run_dir: str
@@ -315,6 +492,7 @@ class TrainConfig:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     profiler: ProfilerConfig = dataclasses.field(default_factory=ProfilerConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    stage: StageConfig = dataclasses.field(default_factory=StageConfig)
 
     def validate(self) -> TrainConfig:
         if not self.run_dir:
@@ -338,8 +516,24 @@ class TrainConfig:
         _validate_rules(self.rules)
         if not 0 <= self.seed < 2**32:
             _fail("seed", f"must be in [0, 2**32), got {self.seed}")
-        for section in ("data", "mesh", "optimizer", "checkpoint", "eval", "log", "profiler", "distributed"):
+        sections = (
+            "data",
+            "mesh",
+            "optimizer",
+            "checkpoint",
+            "eval",
+            "log",
+            "profiler",
+            "distributed",
+            "stage",
+        )
+        for section in sections:
             getattr(self, section).validate(section)
+        if self.stage.kind == "sft" and not self.data.chat.enabled:
+            _fail(
+                "data.chat.files",
+                "an sft stage trains on chat data: list your jsonl files (or data.chat.sample=N)",
+            )
         return self
 
     @property
@@ -509,7 +703,7 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, dotted)
     if tp is Any:
-        return value
+        return _deep_copy(value) if isinstance(value, Mapping) else value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None:

@@ -40,7 +40,7 @@ class LoadedModel:
 
     cfg: Any
     model: Any
-    kind: str  # "orbax" | "hf_qwen2" | "blinkdl_rwkv7" | "random"
+    kind: str  # "orbax" | "hf_qwen2" | "hf_wuneng" | "blinkdl_rwkv7" | "random"
     tokenizer_spec: str | None = None
     store: str | None = None
     step: int | None = None
@@ -141,7 +141,7 @@ def load_model(
     path = Path(src)
     if not path.exists():
         raise FileNotFoundError(
-            f"model source {src!r} does not exist; give a run directory, a Hugging Face Qwen2 directory, a "
+            f"model source {src!r} does not exist; give a run directory, a Hugging Face Qwen2 or WuNeng directory, a "
             "BlinkDL RWKV-7 .pth/.safetensors file, or preset:NAME"
         )
     if path.is_dir():
@@ -149,11 +149,16 @@ def load_model(
         if ckpt is not None:
             return load_orbax(ckpt, step=step, dtype=dtype)
         if (path / "config.json").is_file():
-            from wuneng_jax.convert.hf_qwen2 import load_qwen2
+            import json
 
-            cfg, model = load_qwen2(path, **({"dtype": dtype} if dtype else {}))
+            from wuneng_jax.convert.hf_qwen2 import load_qwen2
+            from wuneng_jax.convert.hf_wuneng import MODEL_TYPE, load_wuneng
+
+            is_wuneng = json.loads((path / "config.json").read_text()).get("model_type") == MODEL_TYPE
+            load, kind = (load_wuneng, "hf_wuneng") if is_wuneng else (load_qwen2, "hf_qwen2")
+            cfg, model = load(path, **({"dtype": dtype} if dtype else {}))
             tok = path / "tokenizer.json"
-            return LoadedModel(cfg, model, "hf_qwen2", str(tok) if tok.is_file() else None)
+            return LoadedModel(cfg, model, kind, str(tok) if tok.is_file() else None)
         raise ValueError(
             f"{path} is neither a training run (no checkpoints/<step>/state) nor a Hugging Face checkpoint "
             "(no config.json)"
@@ -273,7 +278,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """The model/tokenizer arguments shared by ``generate`` and ``eval``."""
     p.add_argument(
         "source",
-        help="run directory (orbax checkpoints), Hugging Face Qwen2 directory, BlinkDL RWKV-7 .pth/.safetensors, "
+        help="run directory (orbax checkpoints), Hugging Face Qwen2 or WuNeng directory, BlinkDL RWKV-7 .pth/.safetensors, "
         "or preset:NAME / model.yaml (random init)",
     )
     p.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the source's own)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -55,20 +55,41 @@ class StateLayout:
     shardings: TrainState
 
 
+class ParamSplit(Protocol):
+    """A fixed split of the parameters into a trained and a frozen part (``train.upcycle.params``).
+
+    ``split(params) -> (trainable, frozen)`` and ``merge(trainable, frozen) -> params`` (the same tree
+    structure as the input). The optimizer state covers the trainable part only; frozen parameters
+    pass through a step untouched.
+    """
+
+    def split(self, params: Any) -> tuple[Any, Any]: ...
+
+    def merge(self, trainable: Any, frozen: Any) -> Any: ...
+
+
+def trainable_part(params: Any, trainable: ParamSplit | None) -> Any:
+    """The parameters the optimizer updates (all of them when ``trainable`` is None)."""
+    return params if trainable is None else trainable.split(params)[0]
+
+
+def _new_state(params: Any, rest: Any, tx: optax.GradientTransformation, seed: int, trainable) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(trainable_part(params, trainable)),
+        rest=rest,
+        rng=jax.random.key_data(jax.random.PRNGKey(seed + 2)),
+    )
+
+
 def _init_fn(
-    build: ModelBuilder, tx: optax.GradientTransformation, seed: int
+    build: ModelBuilder, tx: optax.GradientTransformation, seed: int, trainable: ParamSplit | None = None
 ) -> Callable[[], tuple[Any, TrainState]]:
     def init() -> tuple[Any, TrainState]:
         model = build(nnx.Rngs(params=seed, dropout=seed + 1))
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        state = TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rest=rest,
-            rng=jax.random.key_data(jax.random.PRNGKey(seed + 2)),
-        )
-        return graphdef, state
+        return graphdef, _new_state(params, rest, tx, seed, trainable)
 
     return init
 
@@ -83,10 +104,19 @@ def _specs_to_shardings(specs: Any, mesh: Mesh) -> Any:
 
 
 def make_layout(
-    build: ModelBuilder, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules, seed: int
+    build: ModelBuilder,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Rules,
+    seed: int,
+    *,
+    trainable: ParamSplit | None = None,
 ) -> StateLayout:
-    """Trace the model + optimizer abstractly and derive the state's shardings (no allocation)."""
-    init = _init_fn(build, tx, seed)
+    """Trace the model + optimizer abstractly and derive the state's shardings (no allocation).
+
+    ``trainable``: only that part of the parameters gets optimizer state (default: all).
+    """
+    init = _init_fn(build, tx, seed, trainable)
     with mesh_context(mesh, rules):
         graphdef, abstract = nnx.eval_shape(init)
         specs = nnx.get_partition_spec(abstract)
@@ -113,15 +143,83 @@ def init_state(
     rules: Rules,
     seed: int,
     layout: StateLayout,
+    *,
+    trainable: ParamSplit | None = None,
 ) -> TrainState:
     """Materialise the state directly in its shards (``jax.jit`` with ``out_shardings``)."""
-    init = _init_fn(build, tx, seed)
+    init = _init_fn(build, tx, seed, trainable)
 
     def only_state() -> TrainState:
         return init()[1]
 
     with mesh_context(mesh, rules):
         return jax.jit(only_state, out_shardings=layout.shardings)()
+
+
+def conform_params(params: Any, abstract: Any, where: str) -> Any:
+    """``params`` (an ``nnx.State`` of loaded weights) rebuilt in the structure of ``abstract`` (the
+    layout's parameter ``State``: same paths, same ``Variable`` metadata). ValueError naming the first
+    missing, extra or mis-shaped parameter (``where`` names the source)."""
+    got = {tuple(p): v for p, v in nnx.to_flat_state(params)}
+    want = nnx.to_flat_state(abstract)
+    names = lambda paths: [".".join(map(str, p)) for p in sorted(paths, key=str)[:8]]
+    missing = [p for p, _ in want if tuple(p) not in got]
+    if missing:
+        raise ValueError(f"{where}: the weights lack parameter(s) {names(missing)} of the configured model")
+    extra = set(got) - {tuple(p) for p, _ in want}
+    if extra:
+        raise ValueError(f"{where}: the weights have parameter(s) {names(extra)} the configured model lacks")
+    out = []
+    for path, var in want:
+        value = got[tuple(path)]
+        value = value.get_value() if isinstance(value, nnx.Variable) else value
+        if tuple(value.shape) != tuple(var.shape) or value.dtype != var.dtype:
+            raise ValueError(
+                f"{where}: parameter {'.'.join(map(str, path))} is {value.dtype}{list(value.shape)}, "
+                f"the configured model expects {var.dtype}{list(var.shape)}"
+            )
+        out.append((path, var.replace(value)))
+    return nnx.from_flat_state(out)
+
+
+def state_from_params(
+    params: Any,
+    rest: Any,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Rules,
+    seed: int,
+    layout: StateLayout,
+    *,
+    trainable: ParamSplit | None = None,
+) -> TrainState:
+    """A fresh ``TrainState`` (step 0, new optimizer state) around given parameters (e.g. a converted
+    checkpoint), laid out in ``layout``'s shardings. ``params``/``rest`` must have the layout's
+    structure (:func:`conform_params`); their buffers are donated (an array appearing twice, e.g. a
+    weight copied into two parameters by a conversion, is copied first)."""
+
+    def make(params: Any, rest: Any) -> TrainState:
+        return _new_state(params, rest, tx, seed, trainable)
+
+    seen: set[int] = set()
+
+    def distinct(x: Any) -> Any:
+        if isinstance(x, jax.Array):
+            if id(x) in seen:
+                return jnp.copy(x)
+            seen.add(id(x))
+        return x
+
+    params, rest = jax.tree.map(distinct, (params, rest))
+
+    with mesh_context(mesh, rules):
+        fn = jax.jit(
+            make,
+            in_shardings=(layout.shardings.params, layout.shardings.rest),
+            out_shardings=layout.shardings,
+            donate_argnums=(0, 1),
+        )
+        return fn(params, rest)
 
 
 def count_params(params: Any) -> int:
@@ -138,10 +236,14 @@ def param_shapes(params: Any) -> dict[str, list[int]]:
 
 __all__ = [
     "MeshError",
+    "ParamSplit",
     "StateLayout",
     "TrainState",
+    "conform_params",
     "count_params",
     "init_state",
     "make_layout",
     "param_shapes",
+    "state_from_params",
+    "trainable_part",
 ]

@@ -14,6 +14,10 @@ accumulation the batch is split into ``A`` micro-batches (row ``i`` goes to micr
 so each keeps the batch sharding) and a ``lax.scan`` sums their gradients; the result equals the
 single-batch gradient up to float summation order.
 
+Other objectives (``Objective``: the ``align`` / ``distill`` stages of ``train.upcycle``) plug in
+through ``make_train_step(objective=...)``, frozen inputs (teacher parameters) through the step's
+third argument, and a trainable/frozen split of the parameters through ``trainable=``.
+
 Non-finite loss or gradient norm skips the update: params, optimizer state and model variables
 keep their values (``jnp.where`` on every leaf), the step counter still advances (the batch was
 consumed) and ``metrics["skipped"] = 1``.
@@ -21,8 +25,9 @@ consumed) and ``metrics["skipped"] = 1``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from train.config import Rules
 from train.mesh import check_divisible, logical_to_spec
 from train.optimizer import Schedule, update_count
-from train.state import StateLayout, TrainState
+from train.state import ParamSplit, StateLayout, TrainState
 from wuneng_jax import sharding as S
 
 BATCH_KEYS: tuple[str, ...] = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
@@ -106,6 +111,39 @@ def _select(pred: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+class Objective(Protocol):
+    """What a train step minimises (``train.upcycle.objectives`` has the stage objectives).
+
+    ``count(batch)``: the normaliser (e.g. the number of loss tokens of the whole global batch).
+    ``objective(params, rest, batch, extra) -> (value_sum, metric_sums, new_rest)``: the step
+    minimises ``value_sum / count``; every entry of ``metric_sums`` is reported divided by ``count``
+    (``loss`` must be one of them); ``extra`` carries frozen inputs of the step (a teacher's
+    parameters) or None. Sums (not means) make gradient accumulation exact.
+    """
+
+    def count(self, batch: Batch) -> jax.Array: ...
+
+    def __call__(
+        self, params: Any, rest: Any, batch: Batch, extra: Any
+    ) -> tuple[jax.Array, dict[str, jax.Array], Any]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropyObjective:
+    """Next-token CE over ``loss_mask`` plus ``z_loss * logsumexp^2`` (the default objective)."""
+
+    graphdef: Any
+    z_loss: float = 0.0
+    whole_model_remat: str = "none"
+
+    def count(self, batch: Batch) -> jax.Array:
+        return jnp.sum(batch["loss_mask"].astype(jnp.float32))
+
+    def __call__(self, params: Any, rest: Any, batch: Batch, extra: Any = None):
+        ce_sum, z_sum, new_rest = _forward_sums(self.graphdef, params, rest, batch, self.whole_model_remat)
+        return ce_sum + self.z_loss * z_sum, {"loss": ce_sum, "z_loss": z_sum}, new_rest
+
+
 def make_train_step(
     graphdef: Any,
     tx: optax.GradientTransformation,
@@ -115,75 +153,109 @@ def make_train_step(
     z_loss: float = 0.0,
     rules: Rules = S.DEFAULT_RULES,
     whole_model_remat: str = "none",
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """The pure train step (un-jitted; see :func:`jit_train_step`).
+    objective: Objective | None = None,
+    trainable: ParamSplit | None = None,
+) -> Callable[..., tuple[TrainState, Metrics]]:
+    """The pure train step ``step(state, batch, extra=None)`` (un-jitted; see :func:`jit_train_step`).
 
     ``whole_model_remat`` wraps the whole forward pass in ``jax.checkpoint`` with that policy: the
     fallback for model families without a per-layer ``remat`` config field (per-layer remat, done
     by the model, is what saves memory at scale).
+
+    ``objective`` replaces the default CE objective (``z_loss`` and ``whole_model_remat`` configure
+    the default only). ``trainable`` splits the parameters: gradients, optimizer state, clipping
+    and weight decay cover the trainable part only; the frozen part is passed through unchanged
+    (bit for bit). ``extra`` (frozen inputs such as teacher parameters) goes to the objective.
     """
+    if objective is None:
+        objective = CrossEntropyObjective(graphdef, z_loss, whole_model_remat)
+    if trainable is None:
+        split, merge = (lambda p: (p, None)), (lambda t, f: t)
+    else:
+        split, merge = trainable.split, trainable.merge
 
-    def objective(params: Any, rest: Any, batch: Batch, n_tokens: jax.Array):
-        ce_sum, z_sum, new_rest = _forward_sums(graphdef, params, rest, batch, whole_model_remat)
-        return (ce_sum + z_loss * z_sum) / n_tokens, (ce_sum, z_sum, new_rest)
+    def value(train_p: Any, frozen_p: Any, rest: Any, batch: Batch, extra: Any, n_tokens: jax.Array):
+        total, sums, new_rest = objective(merge(train_p, frozen_p), rest, batch, extra)
+        return total / n_tokens, (sums, new_rest)
 
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    grad_fn = jax.value_and_grad(value, has_aux=True)
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def step(state: TrainState, batch: Batch, extra: Any = None) -> tuple[TrainState, Metrics]:
         batch = {k: batch[k] for k in BATCH_KEYS}
-        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        n_tokens = jnp.maximum(objective.count(batch), 1.0)
+        train_p, frozen_p = split(state.params)
         if accum_steps == 1:
-            (_, (ce_sum, z_sum, rest)), grads = grad_fn(state.params, state.rest, batch, n_tokens)
+            (_, (sums, rest)), grads = grad_fn(train_p, frozen_p, state.rest, batch, extra, n_tokens)
         else:
             micro = _split_micro(batch, accum_steps, rules)
 
             def body(carry, mb):
-                g_acc, ce_acc, z_acc, rest = carry
-                (_, (ce, z, rest)), g = grad_fn(state.params, rest, mb, n_tokens)
-                return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, z_acc + z, rest), None
+                g_acc, s_acc, rest = carry
+                (_, (s, rest)), g = grad_fn(train_p, frozen_p, rest, mb, extra, n_tokens)
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s), rest), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), state.rest)
-            (grads, ce_sum, z_sum, rest), _ = jax.lax.scan(body, init, micro)
-        loss = ce_sum / n_tokens
+            first = jax.tree.map(lambda x: x[0], micro)
+            (_, (sums_shape, _)), _ = jax.eval_shape(
+                grad_fn, train_p, frozen_p, state.rest, first, extra, n_tokens
+            )  # the metric names (abstract trace only)
+            init = (
+                jax.tree.map(jnp.zeros_like, train_p),
+                jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape),
+                state.rest,
+            )
+            (grads, sums, rest), _ = jax.lax.scan(body, init, micro)
         grad_norm = optax.tree.norm(grads)
         count = update_count(state.opt_state)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(z_sum)
+        updates, opt_state = tx.update(grads, state.opt_state, train_p)
+        new_train = optax.apply_updates(train_p, updates)
+        finite = jnp.isfinite(grad_norm)
+        for v in sums.values():
+            finite = finite & jnp.all(jnp.isfinite(v))
         new_state = TrainState(
             step=state.step + 1,
-            params=_select(finite, params, state.params),
+            params=merge(_select(finite, new_train, train_p), frozen_p),
             opt_state=_select(finite, opt_state, state.opt_state),
             rest=_select(finite, rest, state.rest),
             rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)),
         )
-        metrics = {
-            "loss": loss,
-            "z_loss": z_sum / n_tokens,
-            "grad_norm": grad_norm,
-            "lr": schedule(count),
-            "skipped": (~finite).astype(jnp.int32),
-            "loss_tokens": n_tokens,
-        }
+        metrics = {k: v / n_tokens for k, v in sums.items()}
+        metrics.update(
+            grad_norm=grad_norm,
+            lr=schedule(count),
+            skipped=(~finite).astype(jnp.int32),
+            loss_tokens=n_tokens,
+        )
         return new_state, metrics
 
     return step
 
 
 def jit_train_step(
-    step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+    step: Callable[..., tuple[TrainState, Metrics]],
     layout: StateLayout,
     mesh: Mesh,
     rules: Rules,
+    *,
+    extra_shardings: Any = None,
 ):
-    """``jax.jit`` with explicit shardings; the input state is donated (updated in place)."""
+    """``jax.jit`` with explicit shardings; the input state is donated (updated in place).
+
+    With ``extra_shardings`` the jitted step takes a third argument (frozen inputs such as teacher
+    parameters, laid out with those shardings, not donated): ``step(state, batch, extra)``.
+    """
     bs = batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sh = {k: bs for k in BATCH_KEYS}
+    if extra_shardings is None:
+        return jax.jit(
+            lambda state, batch: step(state, batch),
+            in_shardings=(layout.shardings, batch_sh),
+            out_shardings=(layout.shardings, replicated),
+            donate_argnums=(0,),
+        )
     return jax.jit(
         step,
-        in_shardings=(layout.shardings, batch_sh),
+        in_shardings=(layout.shardings, batch_sh, extra_shardings),
         out_shardings=(layout.shardings, replicated),
         donate_argnums=(0,),
     )

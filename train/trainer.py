@@ -5,6 +5,10 @@ global sharded arrays -> the jitted step (``train.train_step``) updates the dona
 metrics are read one step late (so the host never stalls the device) -> ``train.metrics`` writes
 them -> every ``checkpoint.interval`` steps ``train.checkpoint`` saves state + data position.
 
+Stages (``cfg.stage``, ``train.upcycle``): the plan of :func:`train.upcycle.stage.plan_stage` may
+start the weights from a checkpoint (``stage.init_from``), freeze part of them, swap the objective
+(``align``, ``distill``) and pass a frozen teacher's parameters into the same jitted step.
+
 Resume: with ``checkpoint.resume`` (default) a run directory holding checkpoints continues from the
 newest one (model, optimizer, step, RNG and data position), so an interrupted run reproduces the
 uninterrupted one step for step. SIGTERM (preemption) sets a flag; the loop finishes the current
@@ -40,7 +44,14 @@ from train.metrics import (
     truncate_jsonl,
 )
 from train.optimizer import make_optimizer
-from train.state import count_params, init_state, make_layout, param_shapes
+from train.state import (
+    conform_params,
+    count_params,
+    init_state,
+    make_layout,
+    param_shapes,
+    state_from_params,
+)
 from train.train_step import (
     BATCH_KEYS,
     batch_spec,
@@ -150,13 +161,16 @@ class Trainer:
         self.primary = jax.process_index() == 0
         self._echo = echo or (lambda s: print(s, flush=True))
         self.run_dir = Path(cfg.run_dir)
-        self.model_cfg, whole_model_remat = resolve_model_config(cfg.model, dtype=cfg.dtype, remat=cfg.remat)
+        from train.upcycle.stage import plan_stage
+
+        self.plan = plan_stage(cfg, model_builder=model_builder)
+        self.model_cfg, whole_model_remat = self.plan.model_cfg, self.plan.whole_model_remat
         if model_builder is None:
             from wuneng_jax.models import build_model
 
             model_builder = build_model
         self._build = lambda rngs: model_builder(self.model_cfg, rngs=rngs)
-        self._data_factory = data_factory
+        self._data_factory = data_factory or self.plan.data_factory
         self.resolved = dataclasses.replace(cfg, model=model_config_dict(self.model_cfg))
 
         # Mesh and shapes
@@ -173,7 +187,8 @@ class Trainer:
 
         # Optimizer, state layout, step functions
         self.tx, self.schedule = make_optimizer(cfg.optimizer, cfg.steps)
-        self.layout = make_layout(self._build, self.tx, self.mesh, self.rules, cfg.seed)
+        trainable = self.plan.trainable
+        self.layout = make_layout(self._build, self.tx, self.mesh, self.rules, cfg.seed, trainable=trainable)
         self.n_params = count_params(self.layout.abstract.params)
         self.param_shapes = param_shapes(self.layout.abstract.params)
         step = make_train_step(
@@ -184,8 +199,20 @@ class Trainer:
             z_loss=cfg.z_loss,
             rules=self.rules,
             whole_model_remat=whole_model_remat,
+            objective=None
+            if self.plan.make_objective is None
+            else self.plan.make_objective(self.layout.graphdef),
+            trainable=trainable,
         )
-        self.train_step = jit_train_step(step, self.layout, self.mesh, self.rules)
+        teacher = self.plan.teacher
+        self.train_step = jit_train_step(
+            step,
+            self.layout,
+            self.mesh,
+            self.rules,
+            extra_shardings=None if teacher is None else teacher.shardings(self.mesh, self.rules),
+        )
+        self._step_extra: tuple[Any, ...] = ()
         self.eval_step = jit_eval_step(
             make_eval_step(self.layout.graphdef), self.layout, self.mesh, self.rules
         )
@@ -319,6 +346,8 @@ class Trainer:
             f"{self.flops['total'] / 1e6:,.2f} MFLOP/token (dense {self.flops['dense'] / 1e6:,.2f}, "
             f"attention {self.flops['attention'] / 1e6:,.2f}, state {self.flops['state'] / 1e6:,.2f})"
         )
+        if self.plan.kind != "pretrain" or self.plan.notes:
+            self.echo(f"stage {self.plan.kind}: " + "; ".join(self.plan.notes))
 
         try:
             train_it, eval_ds = self._open_data()
@@ -334,7 +363,9 @@ class Trainer:
                 train_it.set_state(restored.data_state)
                 self.echo(f"resumed from {self.checkpointer.directory / str(existing)} (step {existing})")
             else:
-                state = init_state(self._build, self.tx, self.mesh, self.rules, cfg.seed, self.layout)
+                state = self._initial_state()
+            if self.plan.teacher is not None:
+                self._step_extra = (self.plan.teacher.load(self.mesh, self.rules),)
         except BaseException:
             self.checkpointer.close()
             raise
@@ -412,7 +443,7 @@ class Trainer:
                     profiling = True
                 local = next(train_it)
                 with mesh_context(self.mesh, self.rules):
-                    state, metrics = self.train_step(state, self._global_batch(local))
+                    state, metrics = self.train_step(state, self._global_batch(local), *self._step_extra)
                 done = s + 1
                 if pending is not None:
                     record(*pending)
@@ -478,10 +509,38 @@ class Trainer:
             preempted=preempted,
         )
 
+    def _initial_state(self):
+        """Step 0: the weights of ``stage.init_from`` (converted to this model), else a random init."""
+        loaded = self.plan.initial_params(self.mesh, self.rules)
+        if loaded is None:
+            return init_state(
+                self._build,
+                self.tx,
+                self.mesh,
+                self.rules,
+                self.cfg.seed,
+                self.layout,
+                trainable=self.plan.trainable,
+            )
+        params, rest = loaded
+        where = f"stage.init_from ({self.plan.init_source.where})"
+        params = conform_params(params, self.layout.abstract.params, where)
+        rest = conform_params(rest, self.layout.abstract.rest, where)
+        return state_from_params(
+            params,
+            rest,
+            self.tx,
+            self.mesh,
+            self.rules,
+            self.cfg.seed,
+            self.layout,
+            trainable=self.plan.trainable,
+        )
+
     def _sample(self, state) -> str:
         from train.sample import generate
 
-        tok = self.store.tokenizer()
+        tok = getattr(self, "tokenizer", None) or self.store.tokenizer()
         e = self.cfg.eval
         prompt = tok.encode(e.sample_prompt) if e.sample_prompt else []
         t0 = time.perf_counter()
@@ -494,8 +553,8 @@ class Trainer:
             window=self.cfg.seq_len,
             temperature=e.sample_temperature,
             seed=self.cfg.seed,
-            pad_id=self.store.eos_id,
-            vocab_limit=self.store.vocab_size,
+            pad_id=tok.eos_id,
+            vocab_limit=tok.vocab_size,
         )
         log.info("sampled %d tokens in %.1fs", len(ids), time.perf_counter() - t0)
         return e.sample_prompt + tok.decode(ids)

@@ -19,8 +19,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import spmd
 
+from pallas_kernels.wkv7 import set_partition_resolver
 from wuneng_jax.layers.packing import document_starts
+from wuneng_jax.sharding import ACT_HEADS, BATCH, LENGTH
 
 #: e^{-1/2}: the decay scale, ``w = exp(-e^{-1/2} * sigmoid(z))`` in (0.5453, 1).
 E_HALF: float = math.exp(-0.5)
@@ -30,6 +33,26 @@ LN_EPS: float = 1e-5
 LN_X_EPS: float = 64e-5
 #: ``F.normalize`` eps of the kk normalisation.
 KK_EPS: float = 1e-12
+
+# ----------------------------------------------------------------------------------------------------
+# Sharding of the recurrence kernel
+# ----------------------------------------------------------------------------------------------------
+
+
+def wkv7_partition(mesh: jax.sharding.AbstractMesh) -> tuple[object, object] | None:
+    """Mesh axes of the batch and head dims of the ``wkv7`` inputs ``[B,T,H,N]`` under the logical axis rules
+    in context: ``(BATCH, LENGTH, ACT_HEADS)`` mapped like any activation, the sequence then gathered (the
+    Pallas kernel needs whole sequences). None without rules (``pallas_kernels.wkv7`` then picks axes itself).
+    """
+    rules = spmd.get_logical_axis_rules()
+    if not rules:
+        return None
+    spec = spmd.apply_rules(jax.sharding.PartitionSpec(BATCH, LENGTH, ACT_HEADS, None), rules)
+    return spec[0], spec[2]
+
+
+set_partition_resolver(wkv7_partition)  # impl="pallas" under a mesh shards like the model's activations
+
 
 # ----------------------------------------------------------------------------------------------------
 # Forward pieces

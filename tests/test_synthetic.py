@@ -1,0 +1,223 @@
+"""The synthetic capability tasks (train.data.synthetic) and the exact accuracy metric
+(train.experiments.accuracy), checked against brute-force re-derivations written independently here."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train.data import synthetic as syn
+from train.experiments.accuracy import accuracy_sums, finalize, total
+
+# --------------------------------------------------------------------------------------------
+# Groups
+
+
+@pytest.mark.parametrize(
+    ("name", "order"), [("S2", 2), ("S3", 6), ("S4", 24), ("S5", 120), ("A4", 12), ("A5", 60)]
+)
+def test_group_elements(name, order):
+    g = syn.PermutationGroup(name)
+    n = int(name[1:])
+    assert g.order == order
+    assert g.elements[0] == tuple(range(n))  # identity is token 0
+    assert len(set(g.elements)) == order
+    all_perms = set(itertools.permutations(range(n)))
+    assert set(g.elements) <= all_perms
+    if name.startswith("A"):  # even permutations: an even number of transpositions sorts them
+        for p in g.elements:
+            p, swaps = list(p), 0
+            for i in range(n):
+                while p[i] != i:
+                    j = p[i]
+                    p[i], p[j] = p[j], p[i]
+                    swaps += 1
+            assert swaps % 2 == 0
+
+
+def _brute_force_products(elements, xs):
+    """Running products by explicitly composing permutations (a list mapping i -> image):
+    p_t[i] = x_t[p_{t-1}[i]] ("apply p_{t-1}, then x_t")."""
+    state = list(range(len(elements[0])))
+    out = []
+    for x in xs:
+        perm = elements[x]
+        state = [perm[s] for s in state]
+        out.append(elements.index(tuple(state)))
+    return out
+
+
+def test_composition_convention():
+    # a = swap(0,1), b = swap(1,2): "a then b" sends 0 -> 1 -> 2, 1 -> 0 -> 0, 2 -> 2 -> 1
+    assert syn.compose((1, 0, 2), (0, 2, 1)) == (2, 0, 1)
+    g = syn.PermutationGroup("S3")
+    a, b = g.elements.index((1, 0, 2)), g.elements.index((0, 2, 1))
+    assert g.elements[g.table[a, b]] == (2, 0, 1)
+    assert g.table[a, b] != g.table[b, a]  # S3 is not abelian: the order matters
+
+
+@pytest.mark.parametrize("group", ["S3", "S5", "A5"])
+def test_state_tracking_labels_brute_force(group):
+    task = syn.StateTracking(seq_len=40, group=group)
+    g = syn.PermutationGroup(group)
+    src = syn.TaskSource(task, seed=3)
+    for i in range(6):
+        row = src[i]
+        xs = row["tokens"].tolist()
+        assert all(0 <= x < g.order for x in xs)
+        assert row["targets"].tolist() == _brute_force_products(g.elements, xs)
+        assert row["loss_mask"].tolist() == [1.0] * 40  # every position scored
+        assert row["segment_ids"].tolist() == [1] * 40
+        assert row["positions"].tolist() == list(range(40))
+    assert task.vocab_size == g.order
+
+
+def test_state_tracking_tokens_cover_group():
+    xs = np.concatenate([syn.TaskSource(syn.StateTracking(64, "S3"), 0)[i]["tokens"] for i in range(20)])
+    counts = np.bincount(xs, minlength=6)
+    assert counts.min() > 0.1 * len(xs) / 6  # roughly uniform over all 6 elements
+
+
+# --------------------------------------------------------------------------------------------
+# MQAR
+
+
+def _check_mqar_row(task: syn.MQAR, row):
+    """Re-derive what an MQAR row must be from its tokens alone."""
+    T = task.seq_len
+    tok, tgt, mask = row["tokens"], row["targets"], row["loss_mask"]
+    assert tgt[:-1].tolist() == tok[1:].tolist()  # next-token targets
+    d = task.num_pairs
+    keys = [int(k) for k in tok[0 : 2 * d : 2]]
+    values = [int(v) for v in tok[1 : 2 * d : 2]]
+    assert len(set(keys)) == d
+    key_range = range(1, 1 + task.num_keys)
+    value_range = range(1 + task.num_keys, 1 + task.num_keys + task.num_values)
+    assert all(k in key_range for k in keys) and all(v in value_range for v in values)
+    kv = dict(zip(keys, values, strict=True))
+    scored = [t for t in range(T) if mask[t] == 1.0]
+    assert set(np.unique(mask).tolist()) <= {0.0, 1.0}
+    assert len(scored) == task.num_queries
+    assert all(t >= 2 * d for t in scored)
+    queried = [int(tok[t]) for t in scored]
+    assert len(set(queried)) == len(queried)  # distinct keys
+    for t in scored:
+        assert int(tok[t]) in kv and int(tgt[t]) == kv[int(tok[t])]
+    # outside the pairs, every token is filler, a scored query key, or the value right after one
+    allowed = set(scored) | {t + 1 for t in scored}
+    for t in range(2 * d, T):
+        if t not in allowed:
+            assert tok[t] == syn.FILLER
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "pairs", "queries"), [(64, 4, None), (128, 8, 3), (17, 4, 4), (256, 16, None)]
+)
+def test_mqar_brute_force(seq_len, pairs, queries):
+    task = syn.MQAR(seq_len=seq_len, num_pairs=pairs, num_keys=24, num_values=24, num_queries=queries)
+    src = syn.TaskSource(task, seed=7)
+    for i in range(10):
+        _check_mqar_row(task, src[i])
+    assert task.vocab_size == 49
+
+
+def test_mqar_validation():
+    with pytest.raises(ValueError, match="too short"):
+        syn.MQAR(seq_len=16, num_pairs=5)
+    with pytest.raises(ValueError, match="num_keys"):
+        syn.MQAR(seq_len=128, num_pairs=10, num_keys=8)
+    with pytest.raises(ValueError, match="not supported"):
+        syn.StateTracking(seq_len=8, group="S7")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        syn.make_task("mqar", 64, num_pairs=4, pairs=4)
+
+
+# --------------------------------------------------------------------------------------------
+# Sources, iterators, held-out sets
+
+
+def test_sources_deterministic_resumable_and_heldout_disjoint():
+    task = syn.MQAR(seq_len=32, num_pairs=4, num_keys=16, num_values=16)
+    a, b = syn.TaskSource(task, 5), syn.TaskSource(task, 5)
+    for i in (0, 1, 1000, 2**30):
+        for k in syn.ROW_KEYS:
+            np.testing.assert_array_equal(a[i][k], b[i][k])
+    it = syn.train_iterator(task, local_batch=4, seed=5)
+    first = [next(it) for _ in range(3)]
+    state = it.get_state()
+    later = next(it)
+    it2 = syn.train_iterator(task, local_batch=4, seed=5)
+    it2.set_state(state)
+    np.testing.assert_array_equal(next(it2)["tokens"], later["tokens"])
+    np.testing.assert_array_equal(first[1]["tokens"][2], a[6]["tokens"])  # step s = examples [4s, 4s+4)
+    # two hosts split each global batch: host h takes examples h, h+2, ...
+    h1 = syn.train_iterator(task, local_batch=2, seed=5, process_index=1, process_count=2)
+    np.testing.assert_array_equal(next(h1)["tokens"], np.stack([a[1]["tokens"], a[3]["tokens"]]))
+    held = syn.heldout_batches(task, num_examples=16, local_batch=8, seed=5)
+    assert len(held) == 2 and held[0]["tokens"].shape == (8, 32)
+    train_rows = {a[i]["tokens"].tobytes() for i in range(200)}
+    assert not any(r.tobytes() in train_rows for batch in held for r in batch["tokens"])
+    with pytest.raises(ValueError, match="multiple of the global batch"):
+        syn.heldout_batches(task, num_examples=10, local_batch=8, seed=5)
+
+
+# --------------------------------------------------------------------------------------------
+# The exact accuracy metric
+
+
+def _brute_force_counts(logits, targets, mask):
+    out = {"correct": 0, "scored": 0, "rows_correct": 0, "rows": 0, "last_correct": 0, "ce_sum": 0.0}
+    for b in range(logits.shape[0]):
+        scored = [t for t in range(logits.shape[1]) if mask[b, t] > 0]
+        hits = []
+        for t in scored:
+            best = max(range(logits.shape[2]), key=lambda v: (logits[b, t, v], -v))  # first max wins
+            hits.append(best == targets[b, t])
+            z = logits[b, t].astype(np.float64)
+            out["ce_sum"] += float(np.log(np.exp(z - z.max()).sum()) + z.max() - z[targets[b, t]])
+        out["correct"] += sum(hits)
+        out["scored"] += len(scored)
+        if scored:
+            out["rows"] += 1
+            out["rows_correct"] += all(hits)
+            out["last_correct"] += hits[-1]
+    return out
+
+
+def test_accuracy_sums_exact():
+    rng = np.random.default_rng(0)
+    B, T, V = 6, 9, 5
+    logits = rng.normal(size=(B, T, V)).astype(np.float32)
+    logits[0, 3] = 1.0  # a tie: argmax takes the first (token 0)
+    targets = rng.integers(0, V, size=(B, T))
+    targets[0, 3] = 0
+    # plant correct answers: row 1 fully correct, row 2 has no scored positions
+    targets[1] = logits[1].argmax(-1)
+    mask = (rng.random((B, T)) < 0.5).astype(np.float32)
+    mask[0, 3] = 1.0
+    mask[1, :] = 1.0
+    mask[2, :] = 0.0
+    sums = jax.jit(accuracy_sums)
+    got = total([sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))])
+    want = _brute_force_counts(logits, targets, mask)
+    for k in ("correct", "scored", "rows_correct", "rows", "last_correct"):
+        assert got[k] == want[k], k
+    assert got["ce_sum"] == pytest.approx(want["ce_sum"], rel=1e-5)
+    assert got["rows"] == B - 1 and got["rows_correct"] >= 1
+    m = finalize(got)
+    assert m["accuracy"] == want["correct"] / want["scored"]
+    assert m["last_accuracy"] == want["last_correct"] / want["rows"]
+    assert m["seq_accuracy"] == want["rows_correct"] / want["rows"]
+    # summing over batches = one big batch
+    halves = total(
+        [
+            sums(jnp.asarray(logits[s]), jnp.asarray(targets[s]), jnp.asarray(mask[s]))
+            for s in (slice(0, 3), slice(3, 6))
+        ]
+    )
+    assert {k: halves[k] for k in halves if k != "ce_sum"} == {k: got[k] for k in got if k != "ce_sum"}
+    assert np.isnan(finalize({k: 0 for k in got})["accuracy"])

@@ -1,0 +1,326 @@
+"""Synthetic capability tasks as grain data sources: multi-query associative recall and group state tracking.
+
+Every example is a pure function of ``(task, seed, index)`` (``numpy.random.default_rng([seed, stream,
+index])``), so a training stream is a random-access ``grain`` source (exact resume by index) and a
+held-out set is the same function on another ``stream``. Rows have the batch layout of
+``train.data.packing`` (all ``[seq_len]``): ``tokens``, ``targets``, ``segment_ids`` (all 1: one example
+per row), ``positions`` (``arange``), ``loss_mask`` (1.0 exactly where the target is scored).
+
+**MQAR** (multi-query associative recall; Arora et al. 2023, "Zoology", and the BASED paper). The
+``seq_len + 1`` token stream is ``D`` key-value pairs ``k_1 v_1 ... k_D v_D`` (distinct keys from the key
+range, values drawn with replacement from a disjoint value range) followed by a query region of
+two-token slots; ``Q`` randomly chosen slots hold ``k v`` for ``Q`` distinct keys among the ``D`` (in
+random order) and the other slots hold ``FILLER FILLER``. Inputs are the stream's first ``seq_len``
+tokens, targets the next token; only the positions holding a *query key* are scored (target = its
+value), as in Zoology. Token ids: ``0`` = filler, keys ``[1, 1 + num_keys)``, values
+``[1 + num_keys, 1 + num_keys + num_values)``.
+
+**State tracking** (the word problem of a permutation group: Merrill et al. 2024 "The illusion of
+state", Grazzi et al. 2024; RWKV-7 paper §7). Tokens are group elements ``x_1 .. x_T`` (uniform); the
+target at position ``t`` is the running product ``p_t = x_1 · x_2 · ... · x_t`` where ``a · b`` means
+"apply ``a``, then ``b``" (``(a · b)[i] = b[a[i]]``). **Every position is scored** (dense supervision;
+accuracy is also reported at the last position only, the hardest one). Token id = the element's index
+in the lexicographically sorted list of the group's permutations (the identity is 0). For ``S5`` (and
+``A5``) the problem is NC¹-complete (Barrington), i.e. outside TC⁰ unless TC⁰ = NC¹: a fixed-depth
+transformer cannot solve it at arbitrary length, an RNN with a non-diagonal state transition (RWKV-7's
+delta rule) can. ``S3``/``S4``/``A4`` are solvable groups (their word problems are in TC⁰): easier
+controls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from functools import cached_property
+
+import grain
+import numpy as np
+
+from train.data.packing import ROW_KEYS
+
+FILLER = 0
+GROUPS = ("S2", "S3", "S4", "S5", "A4", "A5")
+TRAIN_STREAM = 0  # rng stream of training examples
+EVAL_STREAM = 1  # rng stream of held-out examples (never used for training)
+_MAX_LEN = 2**31 - 1  # "infinite" training source (examples are generated on demand)
+
+
+# --------------------------------------------------------------------------------------------
+# Groups
+
+
+def _parity(perm: tuple[int, ...]) -> int:
+    """0 for even permutations, 1 for odd (count of inversions mod 2)."""
+    n = len(perm)
+    return sum(perm[i] > perm[j] for i in range(n) for j in range(i + 1, n)) % 2
+
+
+def compose(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """``a · b``: apply ``a`` then ``b`` (``result[i] = b[a[i]]``)."""
+    return tuple(b[a[i]] for i in range(len(a)))
+
+
+@dataclasses.dataclass(frozen=True)
+class PermutationGroup:
+    """A permutation group by name: ``S<n>`` (symmetric) or ``A<n>`` (alternating)."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.name not in GROUPS:
+            raise ValueError(f"group {self.name!r} is not supported; use one of {', '.join(GROUPS)}")
+
+    @property
+    def degree(self) -> int:
+        return int(self.name[1:])
+
+    @cached_property
+    def elements(self) -> tuple[tuple[int, ...], ...]:
+        """The group's permutations, sorted lexicographically (identity first)."""
+        perms = itertools.permutations(range(self.degree))
+        if self.name.startswith("A"):
+            perms = (p for p in perms if _parity(p) == 0)
+        return tuple(sorted(perms))
+
+    @property
+    def order(self) -> int:
+        return len(self.elements)
+
+    @cached_property
+    def table(self) -> np.ndarray:
+        """int32 ``[order, order]``: ``table[i, j]`` = index of ``elements[i] · elements[j]``."""
+        index = {p: i for i, p in enumerate(self.elements)}
+        out = np.empty((self.order, self.order), np.int32)
+        for i, a in enumerate(self.elements):
+            for j, b in enumerate(self.elements):
+                out[i, j] = index[compose(a, b)]
+        return out
+
+    def prefix_products(self, xs: np.ndarray) -> np.ndarray:
+        """int32 ``[T]``: ``p_t = x_1 · ... · x_t`` for element indices ``xs`` ``[T]``."""
+        out = np.empty(len(xs), np.int32)
+        acc = 0  # identity
+        table = self.table
+        for t, x in enumerate(xs):
+            acc = table[acc, x]
+            out[t] = acc
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+
+
+def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(stream), int(index)])
+
+
+def _row(tokens: np.ndarray, targets: np.ndarray, loss_mask: np.ndarray) -> dict[str, np.ndarray]:
+    t = len(tokens)
+    return {
+        "tokens": tokens.astype(np.int32),
+        "targets": targets.astype(np.int32),
+        "segment_ids": np.ones((t,), np.int32),
+        "positions": np.arange(t, dtype=np.int32),
+        "loss_mask": loss_mask.astype(np.float32),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class MQAR:
+    """Multi-query associative recall (see the module docstring). ``num_queries`` defaults to ``num_pairs``."""
+
+    seq_len: int
+    num_pairs: int
+    num_keys: int = 32
+    num_values: int = 32
+    num_queries: int | None = None
+
+    kind = "mqar"
+
+    def __post_init__(self) -> None:
+        if self.num_queries is None:
+            object.__setattr__(self, "num_queries", self.num_pairs)
+        for name in ("seq_len", "num_pairs", "num_keys", "num_values", "num_queries"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"mqar.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_pairs > self.num_keys:
+            raise ValueError(
+                f"mqar.num_pairs: {self.num_pairs} pairs need as many distinct keys, but num_keys="
+                f"{self.num_keys}; raise num_keys or lower num_pairs"
+            )
+        if self.num_queries > self.num_pairs:
+            raise ValueError(
+                f"mqar.num_queries: {self.num_queries} > num_pairs={self.num_pairs} (queries are distinct keys)"
+            )
+        if self.num_slots < self.num_queries:
+            raise ValueError(
+                f"mqar.seq_len: {self.seq_len} is too short for {self.num_pairs} pairs and {self.num_queries} "
+                f"queries (needs seq_len + 1 >= 2 * (num_pairs + num_queries), i.e. seq_len >= "
+                f"{2 * (self.num_pairs + self.num_queries) - 1}); lower num_pairs or raise seq_len"
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        return 1 + self.num_keys + self.num_values
+
+    @property
+    def first_key(self) -> int:
+        return 1
+
+    @property
+    def first_value(self) -> int:
+        return 1 + self.num_keys
+
+    @property
+    def num_slots(self) -> int:
+        """Two-token query slots after the pairs in the ``seq_len + 1`` token stream."""
+        return (self.seq_len + 1 - 2 * self.num_pairs) // 2
+
+    def stream(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The ``seq_len + 1`` token stream and the stream positions of the query keys (sorted)."""
+        d, q = self.num_pairs, self.num_queries
+        keys = self.first_key + rng.choice(self.num_keys, size=d, replace=False)
+        values = self.first_value + rng.integers(0, self.num_values, size=d)
+        s = np.full((self.seq_len + 1,), FILLER, np.int64)
+        s[0 : 2 * d : 2] = keys
+        s[1 : 2 * d : 2] = values
+        which = rng.choice(d, size=q, replace=False)  # which pairs are queried, in query order
+        slots = np.sort(rng.choice(self.num_slots, size=q, replace=False))
+        qpos = 2 * d + 2 * slots
+        s[qpos] = keys[which]
+        s[qpos + 1] = values[which]
+        return s, qpos
+
+    def example(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        s, qpos = self.stream(rng)
+        mask = np.zeros((self.seq_len,), np.float32)
+        mask[qpos] = 1.0
+        return _row(s[:-1], s[1:], mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateTracking:
+    """Running product of uniform random elements of a permutation group (every position scored)."""
+
+    seq_len: int
+    group: str = "S5"
+
+    kind = "state_tracking"
+
+    def __post_init__(self) -> None:
+        if int(self.seq_len) < 1:
+            raise ValueError(f"state_tracking.seq_len: must be >= 1, got {self.seq_len}")
+        PermutationGroup(self.group)  # validates the name
+
+    @cached_property
+    def perm_group(self) -> PermutationGroup:
+        return PermutationGroup(self.group)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.perm_group.order
+
+    def example(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        xs = rng.integers(0, self.vocab_size, size=self.seq_len)
+        return _row(xs, self.perm_group.prefix_products(xs), np.ones((self.seq_len,), np.float32))
+
+
+Task = MQAR | StateTracking
+
+
+# --------------------------------------------------------------------------------------------
+# grain sources
+
+
+class TaskSource:
+    """A random-access grain data source: element ``i`` = ``task.example(rng(seed, stream, i))``."""
+
+    def __init__(self, task: Task, seed: int, stream: int = TRAIN_STREAM, length: int = _MAX_LEN):
+        if length < 1:
+            raise ValueError(f"TaskSource length must be >= 1, got {length}")
+        self.task, self.seed, self.stream, self.length = task, int(seed), int(stream), int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"example {index} out of range [0, {self.length})")
+        return self.task.example(_rng(self.seed, self.stream, index))
+
+    def __repr__(self) -> str:
+        return f"TaskSource({self.task!r}, seed={self.seed}, stream={self.stream}, length={self.length})"
+
+
+def train_iterator(
+    task: Task,
+    *,
+    local_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 1,
+    prefetch: int = 4,
+) -> grain.DatasetIterator:
+    """Endless batches ``[local_batch, seq_len]`` of fresh training examples for this host.
+
+    Global step ``s`` covers examples ``[s*G, (s+1)*G)`` (``G = local_batch * process_count``), host
+    ``process_index`` taking every ``process_count``-th; ``get_state``/``set_state`` resume exactly.
+    """
+    if local_batch < 1:
+        raise ValueError(f"local_batch must be >= 1, got {local_batch}")
+    ds = grain.MapDataset.source(TaskSource(task, seed, TRAIN_STREAM))
+    ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
+
+
+def heldout_batches(
+    task: Task,
+    *,
+    num_examples: int,
+    local_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+    """The held-out set: examples ``0 .. num_examples-1`` of the eval stream of ``seed`` (disjoint from
+    every training stream), cut into this host's batches; ``num_examples`` must fill whole global batches."""
+    global_batch = local_batch * process_count
+    if num_examples < 1 or num_examples % global_batch:
+        raise ValueError(
+            f"eval examples: {num_examples} must be a positive multiple of the global batch {global_batch}"
+        )
+    src = TaskSource(task, seed, EVAL_STREAM, length=num_examples)
+    ds = grain.MapDataset.source(src)[process_index::process_count].batch(local_batch, drop_remainder=True)
+    return list(ds)
+
+
+def make_task(kind: str, seq_len: int, **params) -> Task:
+    """``make_task("mqar", 128, num_pairs=8)`` / ``make_task("state_tracking", 64, group="S5")``."""
+    classes = {MQAR.kind: MQAR, StateTracking.kind: StateTracking}
+    if kind not in classes:
+        raise ValueError(f"task kind {kind!r} is not one of {', '.join(classes)}")
+    cls = classes[kind]
+    names = {f.name for f in dataclasses.fields(cls)} - {"seq_len"}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise ValueError(f"task {kind!r}: unknown parameter(s) {unknown}; known: {sorted(names)}")
+    return cls(seq_len=seq_len, **params)
+
+
+__all__ = [
+    "EVAL_STREAM",
+    "FILLER",
+    "GROUPS",
+    "MQAR",
+    "ROW_KEYS",
+    "TRAIN_STREAM",
+    "PermutationGroup",
+    "StateTracking",
+    "TaskSource",
+    "compose",
+    "heldout_batches",
+    "make_task",
+    "train_iterator",
+]

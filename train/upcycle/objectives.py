@@ -1,0 +1,162 @@
+"""The ``align`` and ``distill`` objectives (``train.train_step.Objective``), and their loss functions.
+
+``align`` (ARWKV stage 1; ``paper-notes.md`` §5.1 / §6.2): the teacher (a Qwen2) runs the batch and
+gives, per layer ``l``, its input hidden state ``h_l`` and its attention-block output ``a_l``. Each
+hybrid student layer runs its attention block on the *teacher's* ``h_l`` (teacher forcing: layers align
+independently) and its chosen branch ``s_l`` is compared with ``a_l``::
+
+    loss_l = mean over real tokens of ‖a_l − s_l‖₂ · d^{-1/2}        loss = mean over hybrid layers of loss_l
+
+``align_branch: state`` uses ``s_l = W_O[R_{g(1)}..R_{g(H)}]`` (the state-driven heads alone through the
+output projection, the ARWKV form); ``hybrid`` uses the fused block output (equal to ``a_l`` at the
+upcycled initialisation, so its loss starts at zero). Padding (``segment_ids == 0``) does not count.
+
+``distill`` (ARWKV stage 2)::
+
+    loss = kl_weight · KL(p_T ‖ p_S) + ce_weight · CE,   p = softmax(logits / τ),  KL · τ²  (Hinton)
+
+as a token mean over ``loss_mask``. Vocabularies of different sizes are matched as ARWKV does: teacher
+logits beyond the student's vocabulary are cut off; a smaller teacher vocabulary gets zero probability
+on the student's extra ids.
+
+Sums, not means, are returned (``Objective``), so gradient accumulation stays exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from train.train_step import REMAT_POLICIES, Batch, cross_entropy
+
+#: Stands in for -inf on teacher logits of ids the teacher does not have (exp underflows to exactly 0).
+NEG_LOGIT = -1e9
+
+
+def l2_norm(x: jax.Array, axis: int = -1) -> jax.Array:
+    """‖x‖₂ over ``axis`` in float32, with a zero (not NaN) gradient at x = 0."""
+    sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis)
+    nonzero = sq > 0
+    return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+
+
+def align_token_loss(teacher: jax.Array, student: jax.Array) -> jax.Array:
+    """``‖teacher − student‖₂ · d^{-1/2}`` per token: ``[B,T,d]`` x2 -> float32 ``[B,T]``."""
+    d = teacher.shape[-1]
+    return l2_norm(teacher.astype(jnp.float32) - student.astype(jnp.float32)) * d**-0.5
+
+
+def match_vocab(teacher_logits: jax.Array, vocab_size: int) -> jax.Array:
+    """Teacher logits ``[..., V_T]`` -> ``[..., vocab_size]``: cut when larger, padded with ``NEG_LOGIT``
+    (probability 0) when smaller."""
+    v = teacher_logits.shape[-1]
+    if v >= vocab_size:
+        return teacher_logits[..., :vocab_size]
+    pad = [(0, 0)] * (teacher_logits.ndim - 1) + [(0, vocab_size - v)]
+    return jnp.pad(teacher_logits, pad, constant_values=NEG_LOGIT)
+
+
+def kl_per_token(teacher_logits: jax.Array, student_logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """``τ² · Σ_v p_T (log p_T − log p_S)`` with ``p = softmax(logits / τ)``; float32 ``[...]``.
+
+    Both ``[..., V]`` (same V; see :func:`match_vocab`). Ids where ``p_T = 0`` contribute exactly 0."""
+    t = teacher_logits.astype(jnp.float32) / temperature
+    s = student_logits.astype(jnp.float32) / temperature
+    logp_t = jax.nn.log_softmax(t, axis=-1)
+    logp_s = jax.nn.log_softmax(s, axis=-1)
+    p_t = jnp.exp(logp_t)
+    terms = jnp.where(p_t > 0, p_t * (logp_t - logp_s), 0.0)
+    return jnp.sum(terms, axis=-1) * temperature**2
+
+
+def _model_inputs(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return batch["tokens"], batch["segment_ids"], batch["positions"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignObjective:
+    """Teacher-forced per-layer alignment (module docstring).
+
+    ``teacher_paths``: with ``teacher: self`` the teacher's parameters are the student's own Qwen2
+    parameters at these paths (frozen; ``extra`` is None); otherwise ``extra`` holds them.
+    """
+
+    graphdef: Any
+    layer_ids: tuple[int, ...]
+    teacher_graphdef: Any
+    branch: str = "state"
+    teacher_paths: frozenset | None = None
+    remat: str = "none"
+
+    def count(self, batch: Batch) -> jax.Array:
+        return jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
+
+    def _teacher_params(self, params: Any, extra: Any) -> Any:
+        if extra is not None:
+            return extra
+        paths = self.teacher_paths
+        return nnx.split_state(params, lambda path, _: tuple(path) in paths, ...)[0]
+
+    def __call__(self, params: Any, rest: Any, batch: Batch, extra: Any):
+        tokens, seg, pos = _model_inputs(batch)
+        teacher = nnx.merge(self.teacher_graphdef, jax.lax.stop_gradient(self._teacher_params(params, extra)))
+        t_out = teacher.forward_with_intermediates(tokens, seg, pos)
+        model = nnx.merge(self.graphdef, params, rest)
+        seg_ids, _, rope = model.prepare(tokens, seg, pos)
+        branch = self.branch
+
+        def student_branch(layer: nnx.Module, h: jax.Array, rope: Any, seg_ids: jax.Array) -> jax.Array:
+            out = layer.self_attn(layer.input_layernorm(h), rope=rope, segment_ids=seg_ids)
+            return out.state_branch if branch == "state" else out.o
+
+        if self.remat != "none":
+            student_branch = nnx.remat(student_branch, policy=REMAT_POLICIES[self.remat], prevent_cse=True)
+        mask = (seg > 0).astype(jnp.float32)
+        sums: dict[str, jax.Array] = {}
+        for i in self.layer_ids:
+            h = jax.lax.stop_gradient(t_out.hidden_states[i])
+            target = jax.lax.stop_gradient(t_out.attn_outputs[i])
+            s = student_branch(model.layers[i], h, rope, seg_ids)
+            sums[f"align/layer_{i}"] = jnp.sum(align_token_loss(target, s) * mask)
+        total = sum(sums.values()) / len(sums)
+        return total, {"loss": total, **sums}, rest
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillObjective:
+    """Logit distillation from a frozen teacher in the same step (module docstring); ``extra`` holds
+    the teacher's parameters."""
+
+    graphdef: Any
+    teacher_graphdef: Any
+    vocab_size: int
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    whole_model_remat: str = "none"
+
+    def count(self, batch: Batch) -> jax.Array:
+        return jnp.sum(batch["loss_mask"].astype(jnp.float32))
+
+    def __call__(self, params: Any, rest: Any, batch: Batch, extra: Any):
+        tokens, seg, pos = _model_inputs(batch)
+        teacher = nnx.merge(self.teacher_graphdef, jax.lax.stop_gradient(extra))
+        t_logits = jax.lax.stop_gradient(match_vocab(teacher(tokens, seg, pos), self.vocab_size))
+
+        def forward(params: Any, rest: Any) -> tuple[jax.Array, Any]:
+            model = nnx.merge(self.graphdef, params, rest)
+            logits = model(tokens, segment_ids=seg, positions=pos)
+            return logits, nnx.split(model, nnx.Param, ...)[2]
+
+        if self.whole_model_remat != "none":
+            forward = jax.checkpoint(forward, policy=REMAT_POLICIES[self.whole_model_remat])
+        s_logits, new_rest = forward(params, rest)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        kl_sum = jnp.sum(kl_per_token(t_logits, s_logits, self.temperature) * mask)
+        ce_sum, _ = cross_entropy(s_logits, batch["targets"], mask)
+        total = self.kl_weight * kl_sum + self.ce_weight * ce_sum
+        return total, {"loss": total, "kl": kl_sum, "ce": ce_sum}, new_rest
