@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -65,6 +66,7 @@ class Facts:
     hidden: int
 
 
+@functools.cache
 def model_facts(preset: str) -> Facts:
     """Parameter counts of a preset without building it (``jax.eval_shape``)."""
     import dataclasses as dc
