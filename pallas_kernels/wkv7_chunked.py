@@ -146,8 +146,10 @@ def unit_lower_inverse(m: jax.Array) -> jax.Array:
     if size & (size - 1):
         raise ValueError(f"unit_lower_inverse: L={size} must be a power of two")
     row, col = np.arange(size)[:, None], np.arange(size)[None, :]
-    x = jnp.broadcast_to(jnp.eye(size, dtype=m.dtype), m.shape)
-    block = 1
+    # block 1: X = I, so the first step is I + M_1 (no matmuls; the v6e compiler rejects the 1x1-block form)
+    first = ((row // 2) == (col // 2)) & (row % 2 == 1) & (col % 2 == 0)
+    x = jnp.broadcast_to(jnp.eye(size, dtype=m.dtype), m.shape) + m * first.astype(m.dtype)
+    block = 2
     while block < size:  # masks are numpy constants: cheaper to compile
         same_pair = (row // (2 * block)) == (col // (2 * block))
         lower_left = ((row // block) % 2 == 1) & ((col // block) % 2 == 0)

@@ -125,11 +125,13 @@ def test_saved_executable_keeps_its_topology(qwen2_v5e, tmp_path):
         read_executable_meta(_write_yaml(tmp_path, QWEN2_TINY))
 
 
-def test_wuneng_train_step_runs_the_pallas_kernels_on_v5p():
-    """The WuNeng train step on a v5p 4-chip slice: wkv7 resolves to the Pallas kernel (as ``auto`` does on
-    a TPU host), inside shard_map under fsdp x tensor; one Mosaic forward and one backward call per layer."""
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
+def test_wuneng_train_step_runs_the_pallas_kernels(topology):
+    """The WuNeng train step on a 4-chip slice: wkv7 resolves to the Pallas kernel (as ``auto`` does on
+    a TPU host), inside shard_map under fsdp x tensor; one Mosaic forward and one backward call per layer.
+    v6e is the generation whose compiler rejected the chunked form's 1x1-block inverse step once."""
     model = {**kernels.TINY_WUNENG, "wkv_chunk_size": 16}  # 16: the smallest (fastest to compile) chunk
-    target = build_train(_config(model), parse_topology("v5p:2x2x1"))
+    target = build_train(_config(model), parse_topology(topology))
     assert target.impls == {"attention_impl": "xla", "wkv_impl": "pallas"}
     report, compiled = compile_train(target)
     assert report.status == "fits", report.error
