@@ -70,7 +70,7 @@ def _run(
     dtype: str = "float32",
     steps: int = STEPS,
 ):
-    model_cfg = dataclasses.replace(_model_cfg(), dtype=dtype)
+    model_cfg = dataclasses.replace(_model_cfg(), dtype=dtype, remat=remat)
     build = lambda rngs: build_model(model_cfg, rngs=rngs)
     tx, schedule = make_optimizer(OptimizerConfig(lr=1e-2, warmup_steps=2, weight_decay=0.1), STEPS)
     mesh = make_mesh(mesh_cfg, jax.devices()[:n_devices])
@@ -84,7 +84,6 @@ def _run(
             accum_steps=accum,
             z_loss=Z_LOSS,
             rules=RULES,
-            whole_model_remat=remat,
         ),
         layout,
         mesh,

@@ -54,15 +54,11 @@ from typing import Any
 
 import yaml
 
+from wuneng_jax.layers.remat import REMAT_POLICIES as REMAT_POLICY_TABLE
 from wuneng_jax.sharding import DEFAULT_RULES
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor", "sequence")
-REMAT_POLICIES: tuple[str, ...] = (
-    "none",
-    "full",
-    "dots_saveable",
-    "dots_with_no_batch_dims_saveable",
-)
+REMAT_POLICIES: tuple[str, ...] = tuple(REMAT_POLICY_TABLE)
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 SCHEDULES: tuple[str, ...] = ("cosine", "wsd", "constant")
 

@@ -71,26 +71,10 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tup
     return jnp.sum((lse - target_logit) * mask), jnp.sum(jnp.square(lse) * mask)
 
 
-REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def _forward_sums(
-    graphdef: Any, params: Any, rest: Any, batch: Batch, whole_model_remat: str = "none"
-) -> tuple[jax.Array, jax.Array, Any]:
-    def forward(params: Any, rest: Any, batch: Batch) -> tuple[jax.Array, Any]:
-        model = nnx.merge(graphdef, params, rest)
-        logits = model(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
-        _, _, new_rest = nnx.split(model, nnx.Param, ...)
-        return logits, new_rest
-
-    if whole_model_remat != "none":
-        forward = jax.checkpoint(forward, policy=REMAT_POLICIES[whole_model_remat])
-    logits, new_rest = forward(params, rest, batch)
+def _forward_sums(graphdef: Any, params: Any, rest: Any, batch: Batch) -> tuple[jax.Array, jax.Array, Any]:
+    model = nnx.merge(graphdef, params, rest)
+    logits = model(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    _, _, new_rest = nnx.split(model, nnx.Param, ...)
     ce_sum, z_sum = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     return ce_sum, z_sum, new_rest
 
@@ -134,13 +118,12 @@ class CrossEntropyObjective:
 
     graphdef: Any
     z_loss: float = 0.0
-    whole_model_remat: str = "none"
 
     def count(self, batch: Batch) -> jax.Array:
         return jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
     def __call__(self, params: Any, rest: Any, batch: Batch, extra: Any = None):
-        ce_sum, z_sum, new_rest = _forward_sums(self.graphdef, params, rest, batch, self.whole_model_remat)
+        ce_sum, z_sum, new_rest = _forward_sums(self.graphdef, params, rest, batch)
         return ce_sum + self.z_loss * z_sum, {"loss": ce_sum, "z_loss": z_sum}, new_rest
 
 
@@ -152,23 +135,19 @@ def make_train_step(
     accum_steps: int = 1,
     z_loss: float = 0.0,
     rules: Rules = S.DEFAULT_RULES,
-    whole_model_remat: str = "none",
     objective: Objective | None = None,
     trainable: ParamSplit | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """The pure train step ``step(state, batch, extra=None)`` (un-jitted; see :func:`jit_train_step`).
 
-    ``whole_model_remat`` wraps the whole forward pass in ``jax.checkpoint`` with that policy: the
-    fallback for model families without a per-layer ``remat`` config field (per-layer remat, done
-    by the model, is what saves memory at scale).
+    Rematerialisation is per layer, a field of the model config (``wuneng_jax.layers.remat``).
 
-    ``objective`` replaces the default CE objective (``z_loss`` and ``whole_model_remat`` configure
-    the default only). ``trainable`` splits the parameters: gradients, optimizer state, clipping
+    ``objective`` replaces the default CE objective (``z_loss`` configures the default only). ``trainable`` splits the parameters: gradients, optimizer state, clipping
     and weight decay cover the trainable part only; the frozen part is passed through unchanged
     (bit for bit). ``extra`` (frozen inputs such as teacher parameters) goes to the objective.
     """
     if objective is None:
-        objective = CrossEntropyObjective(graphdef, z_loss, whole_model_remat)
+        objective = CrossEntropyObjective(graphdef, z_loss)
     if trainable is None:
         split, merge = (lambda p: (p, None)), (lambda t, f: t)
     else:

@@ -69,12 +69,8 @@ log = logging.getLogger(__name__)
 # Model config
 
 
-def resolve_model_config(spec: Any, *, dtype: str, remat: str) -> tuple[Any, str]:
-    """The model config for ``spec`` with the run's compute dtype (and remat policy) applied.
-
-    Returns ``(model_cfg, whole_model_remat)``: families whose config has a ``remat`` field remat
-    per layer; for the others the train step falls back to rematerialising the whole forward pass.
-    """
+def resolve_model_config(spec: Any, *, dtype: str, remat: str) -> Any:
+    """The model config for ``spec`` with the run's compute dtype and per-layer remat policy applied."""
     from wuneng_jax import config as mc
 
     try:
@@ -101,19 +97,15 @@ def resolve_model_config(spec: Any, *, dtype: str, remat: str) -> tuple[Any, str
         raise ConfigError(
             f"config field `dtype`: model family {mc.family_of(cfg)!r} has no compute dtype option"
         )
-    whole_model_remat = "none"
     if "remat" in fields:
         updates["remat"] = remat
     elif remat != "none":
-        whole_model_remat = remat
-        log.warning(
-            "model family %s has no per-layer remat option; rematerialising the whole forward pass (%s)",
-            mc.family_of(cfg),
-            remat,
+        raise ConfigError(
+            f"config field `remat`: model family {mc.family_of(cfg)!r} has no per-layer remat option"
         )
     if updates:
         cfg = dataclasses.replace(cfg, **updates)
-    return cfg, whole_model_remat
+    return cfg
 
 
 def model_config_dict(model_cfg: Any) -> dict[str, Any]:
@@ -164,7 +156,7 @@ class Trainer:
         from train.upcycle.stage import plan_stage
 
         self.plan = plan_stage(cfg, model_builder=model_builder)
-        self.model_cfg, whole_model_remat = self.plan.model_cfg, self.plan.whole_model_remat
+        self.model_cfg = self.plan.model_cfg
         if model_builder is None:
             from wuneng_jax.models import build_model
 
@@ -198,7 +190,6 @@ class Trainer:
             accum_steps=cfg.grad_accum_steps,
             z_loss=cfg.z_loss,
             rules=self.rules,
-            whole_model_remat=whole_model_remat,
             objective=None
             if self.plan.make_objective is None
             else self.plan.make_objective(self.layout.graphdef),

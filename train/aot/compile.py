@@ -254,7 +254,7 @@ def build_train(cfg: TrainConfig, topo: Topology, devices: Sequence[Any] | None 
     from wuneng_jax.models import build_model
 
     mesh = build_mesh(cfg, topo, devices)
-    model_cfg, whole_model_remat = resolve_model_config(cfg.model, dtype=cfg.dtype, remat=cfg.remat)
+    model_cfg = resolve_model_config(cfg.model, dtype=cfg.dtype, remat=cfg.remat)
     model_cfg, impls = tpu_model_config(model_cfg, cfg.seq_len)
     check_batch_shape(cfg.global_batch_size, cfg.seq_len, cfg.grad_accum_steps, mesh, cfg.rules)
 
@@ -270,7 +270,6 @@ def build_train(cfg: TrainConfig, topo: Topology, devices: Sequence[Any] | None 
         accum_steps=cfg.grad_accum_steps,
         z_loss=cfg.z_loss,
         rules=cfg.rules,
-        whole_model_remat=whole_model_remat,
     )
     jitted = jit_train_step(step, layout, mesh, cfg.rules)
     bs = batch_sharding(mesh, cfg.rules)

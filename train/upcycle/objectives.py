@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from train.train_step import REMAT_POLICIES, Batch, cross_entropy
+from train.train_step import Batch, cross_entropy
+from wuneng_jax.layers.remat import remat_layer
 
 #: Stands in for -inf on teacher logits of ids the teacher does not have (exp underflows to exactly 0).
 NEG_LOGIT = -1e9
@@ -113,8 +114,7 @@ class AlignObjective:
             out = layer.self_attn(layer.input_layernorm(h), rope=rope, segment_ids=seg_ids)
             return out.state_branch if branch == "state" else out.o
 
-        if self.remat != "none":
-            student_branch = nnx.remat(student_branch, policy=REMAT_POLICIES[self.remat], prevent_cse=True)
+        student_branch = remat_layer(student_branch, self.remat)
         mask = (seg > 0).astype(jnp.float32)
         sums: dict[str, jax.Array] = {}
         for i in self.layer_ids:
@@ -137,7 +137,6 @@ class DistillObjective:
     kl_weight: float = 1.0
     ce_weight: float = 0.0
     temperature: float = 1.0
-    whole_model_remat: str = "none"
 
     def count(self, batch: Batch) -> jax.Array:
         return jnp.sum(batch["loss_mask"].astype(jnp.float32))
@@ -147,14 +146,9 @@ class DistillObjective:
         teacher = nnx.merge(self.teacher_graphdef, jax.lax.stop_gradient(extra))
         t_logits = jax.lax.stop_gradient(match_vocab(teacher(tokens, seg, pos), self.vocab_size))
 
-        def forward(params: Any, rest: Any) -> tuple[jax.Array, Any]:
-            model = nnx.merge(self.graphdef, params, rest)
-            logits = model(tokens, segment_ids=seg, positions=pos)
-            return logits, nnx.split(model, nnx.Param, ...)[2]
-
-        if self.whole_model_remat != "none":
-            forward = jax.checkpoint(forward, policy=REMAT_POLICIES[self.whole_model_remat])
-        s_logits, new_rest = forward(params, rest)
+        model = nnx.merge(self.graphdef, params, rest)
+        s_logits = model(tokens, segment_ids=seg, positions=pos)
+        new_rest = nnx.split(model, nnx.Param, ...)[2]
         mask = batch["loss_mask"].astype(jnp.float32)
         kl_sum = jnp.sum(kl_per_token(t_logits, s_logits, self.temperature) * mask)
         ce_sum, _ = cross_entropy(s_logits, batch["targets"], mask)

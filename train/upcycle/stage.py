@@ -65,7 +65,6 @@ class StagePlan:
 
     kind: str
     model_cfg: Any
-    whole_model_remat: str
     trainable: TrainableSplit | None = None
     make_objective: Callable[[Any], Any] | None = None  # graphdef -> Objective (None: CE)
     teacher: TeacherPlan | None = None
@@ -83,14 +82,6 @@ class StagePlan:
         )
 
 
-def _remat_split(model_cfg: Any, remat: str) -> tuple[Any, str]:
-    """Per-layer remat when the family has the field, else the whole-forward fallback."""
-    fields = {f.name for f in dataclasses.fields(model_cfg)}
-    if "remat" in fields:
-        return dataclasses.replace(model_cfg, remat=remat), "none"
-    return model_cfg, remat
-
-
 def plan_stage(cfg: TrainConfig, *, model_builder: Callable[..., Any] | None = None) -> StagePlan:
     """The :class:`StagePlan` of ``cfg`` (a plain pretraining run gives a plan that changes nothing)."""
     from train.trainer import resolve_model_config
@@ -100,17 +91,16 @@ def plan_stage(cfg: TrainConfig, *, model_builder: Callable[..., Any] | None = N
     if st.init_from is not None:
         init_source = sources.open_source(st.init_from, "stage.init_from")
         model_cfg = sources.student_config(
-            init_source, cfg.model, dtype=cfg.dtype, remat="none", untie=st.untie_embeddings
+            init_source, cfg.model, dtype=cfg.dtype, remat=cfg.remat, untie=st.untie_embeddings
         )
-        model_cfg, whole_model_remat = _remat_split(model_cfg, cfg.remat)
     else:
         if st.untie_embeddings:
             raise ConfigError(
                 "config field `stage.untie_embeddings`: applies to weights loaded with stage.init_from; for a "
                 "random init set model.tie_word_embeddings=false"
             )
-        model_cfg, whole_model_remat = resolve_model_config(cfg.model, dtype=cfg.dtype, remat=cfg.remat)
-    plan = StagePlan(st.kind, model_cfg, whole_model_remat, init_source=init_source, upcycle_seed=cfg.seed)
+        model_cfg = resolve_model_config(cfg.model, dtype=cfg.dtype, remat=cfg.remat)
+    plan = StagePlan(st.kind, model_cfg, init_source=init_source, upcycle_seed=cfg.seed)
     if init_source is not None:
         plan.notes.append(f"student weights from {init_source.where}")
 
@@ -151,7 +141,6 @@ def plan_stage(cfg: TrainConfig, *, model_builder: Callable[..., Any] | None = N
             kl_weight=st.kl_weight,
             ce_weight=st.ce_weight,
             temperature=st.kl_temperature,
-            whole_model_remat=whole_model_remat,
         )
     return plan
 
@@ -165,9 +154,7 @@ def _plan_align(plan: StagePlan, cfg: TrainConfig, abstract: Any) -> None:
         raise ConfigError(
             "config field `stage.kind`: align trains the state heads of a wuneng model; set model.family=wuneng"
         )
-    remat = (
-        getattr(model_cfg, "remat", "none") if plan.whole_model_remat == "none" else plan.whole_model_remat
-    )
+    remat = model_cfg.remat
     if st.teacher in (None, "self"):
         tcfg = dataclasses.replace(model_cfg.to_qwen2(), dtype=cfg.dtype)
         tcfg = sources._with_runtime(tcfg, remat="none")
