@@ -9,6 +9,7 @@ direction, and the compiler's own out-of-memory verdict.
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -19,6 +20,7 @@ from train import cli
 from train.aot import kernels
 from train.aot.compile import (
     build_train,
+    compile_inference,
     compile_train,
     read_executable_meta,
     run_compile,
@@ -123,6 +125,35 @@ def test_saved_executable_keeps_its_topology(qwen2_v5e, tmp_path):
     assert read_executable_meta(path)["topology"] == "v5e:2x2"
     with pytest.raises(ValueError, match="not a compiled step"):
         read_executable_meta(_write_yaml(tmp_path, QWEN2_TINY))
+
+
+def test_prefill_and_decode_compile_with_the_kv_cache_sharded(qwen2_v5e):
+    """``--inference``: prefill and one decode step for v5e:2x2, the KV cache ``[layers, batch, max_len,
+    kv_heads, head_dim]`` split over the batch (fsdp=2) and the KV heads (tensor=2) and donated."""
+    target = qwen2_v5e[0]
+    batch, max_len = 4, 256
+    steps = compile_inference(target, batch=batch, prompt_len=16, max_len=max_len)
+    assert [r.step for r, _ in steps] == ["prefill", "decode"]
+    m = QWEN2_TINY
+    whole = (m["num_layers"], batch, max_len, m["num_kv_heads"], m["head_dim"])
+    per_chip = (m["num_layers"], batch // 2, max_len, m["num_kv_heads"] // 2, m["head_dim"])
+    shape = lambda dims: "f32[" + ",".join(map(str, dims)) + "]"
+    for report, compiled in steps:
+        assert report.status == "fits", report.error
+        text = compiled.as_text()
+        assert shape(per_chip) in text and shape(whole) not in text, report.step
+        assert report.memory.aliased >= 2 * 4 * math.prod(per_chip)  # k and v updated in place
+
+
+def test_cli_inference_flag(tmp_path, capsys):
+    cfg = _write_yaml(tmp_path, QWEN2_TINY)
+    args = ["compile", cfg, "topology=v5e:2x2", "--inference", "--prompt-len", "16", "--max-len", "32"]
+    assert cli.main([*args, "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "[prefill]" in out and "[decode]" in out and "v5e:2x2: fits" in out
+    steps = yaml.safe_load((tmp_path / "r.json").read_text())["steps"]
+    assert [s["step"] for s in steps] == ["train", "prefill", "decode"]
+    assert all(s["status"] == "fits" for s in steps)
 
 
 @pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
