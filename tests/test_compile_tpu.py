@@ -15,6 +15,7 @@ import re
 import jax
 import pytest
 import yaml
+from train_support import TINY_MODEL
 
 from train import cli
 from train.aot import kernels
@@ -31,17 +32,7 @@ from train.aot.memory import largest_temporaries, parse_out_of_memory
 from train.aot.topology import TopologyError, parse_topology, topology_devices
 from train.mesh import MeshError
 
-QWEN2_TINY = {
-    "preset": "qwen2_tiny",
-    "vocab_size": 128,
-    "hidden_size": 32,
-    "num_layers": 1,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "head_dim": 8,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
+QWEN2_TINY = {**TINY_MODEL, "vocab_size": 128}
 
 
 def _config(model: dict, **top):
