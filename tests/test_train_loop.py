@@ -152,8 +152,10 @@ def test_resume_with_another_model_is_refused(runs, store):
     cfg = from_dict(
         tiny_config(runs["tmp"] / "b", store, steps=runs["total"] + 1, model__intermediate_size=96)
     )
+    saved = (runs["tmp"] / "b" / "config.yaml").read_text()
     with pytest.raises(CheckpointError, match=r"model.intermediate_size: checkpoint has 64, config has 96"):
         Trainer(cfg, echo=lambda s: None).run()
+    assert (runs["tmp"] / "b" / "config.yaml").read_text() == saved  # a failed start keeps the run's config
 
 
 WORKER = """

@@ -105,3 +105,62 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+class CountingBatches:
+    """A data iterator of constant batches (the keys of ``train.data.pipeline``) that counts what it
+    gave; ``on_batch(n)`` runs before batch ``n`` (1-based) is returned."""
+
+    def __init__(self, local_batch: int, seq_len: int, on_batch=None):
+        import numpy as np
+
+        tokens = np.arange(local_batch * seq_len, dtype=np.int32).reshape(local_batch, seq_len) % 200
+        self.batch = {
+            "tokens": tokens,
+            "targets": tokens,
+            "segment_ids": np.ones_like(tokens),
+            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy(),
+            "loss_mask": np.ones_like(tokens),
+        }
+        self.n = 0
+        self.on_batch = on_batch
+
+    def __next__(self):
+        self.n += 1
+        if self.on_batch is not None:
+            self.on_batch(self.n)
+        return self.batch
+
+    def get_state(self):
+        return {"n": self.n}
+
+    def set_state(self, state):
+        self.n = state["n"]
+
+
+def stub_step_trainer(run_dir: Path, *, loss: float = 1.0, skipped: int = 0, on_batch=None, **top: Any):
+    """A Trainer of the tiny model whose train step is a plain function (nothing to compile): the state
+    passes through unchanged and every step reports ``loss`` / ``skipped``. Returns ``(trainer, lines)``,
+    the lines it printed."""
+    import numpy as np
+
+    from train.config import from_dict
+    from train.trainer import Trainer
+
+    lines: list[str] = []
+    cfg = from_dict(tiny_config(run_dir, "unused-store", **top))
+    trainer = Trainer(
+        cfg,
+        echo=lines.append,
+        data_factory=lambda t: (CountingBatches(t.local_batch, cfg.seq_len, on_batch), None),
+    )
+    metrics = {
+        "loss": np.float32(loss),
+        "skipped": np.int32(skipped),
+        "grad_norm": np.float32(loss),
+        "lr": np.float32(cfg.optimizer.lr),
+        "z_loss": np.float32(0),
+        "loss_tokens": np.float32(1),
+    }
+    trainer.train_step = lambda state, batch, *extra: (state, metrics)
+    return trainer, lines

@@ -22,6 +22,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="training config YAML (e.g. configs/demo.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--verbose", action="store_true", help="print the whole resolved config at start-up, not a summary"
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -33,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from train.trainer import Trainer
 
-    Trainer(cfg).run()  # a preempted run saved its checkpoint: also a clean exit
+    Trainer(cfg, verbose=args.verbose).run()  # a preempted run saved its checkpoint: also a clean exit
     return 0
 
 
@@ -154,18 +157,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from train.checkpoint import CheckpointError
-    from train.config import ConfigError
-    from train.data.store import StoreError
-    from train.mesh import MeshError
+    from train.run_lock import RunLockError
+    from train.signals import ABORT_EXIT_CODE
+    from train.trainer import TrainingDiverged
 
     try:
         return int(args._fn(args))
-    except (ConfigError, MeshError, CheckpointError, StoreError) as e:
-        print(f"wuneng {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"wuneng {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except TrainingDiverged as e:
+        return _error(args.command, e, 1)
+    except (ValueError, CheckpointError, RunLockError, FileNotFoundError) as e:
+        return _error(args.command, e, 2)  # ConfigError, MeshError, StoreError are ValueErrors
+    except KeyboardInterrupt:
+        print(f"wuneng {args.command}: interrupted", file=sys.stderr)
+        return ABORT_EXIT_CODE
+
+
+def _error(command: str, error: BaseException, code: int) -> int:
+    """One line on stderr, ``wuneng COMMAND: error: ...``; returns the exit code."""
+    text = str(error)
+    if isinstance(error, FileNotFoundError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror.lower()}"
+    print(f"wuneng {command}: error: {text}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

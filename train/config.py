@@ -28,6 +28,7 @@ Schema (defaults in brackets)::
     remat: none | full | dots_saveable | dots_with_no_batch_dims_saveable [none]  # per layer
     z_loss: float [0.0]               # coefficient of mean(logsumexp(logits)^2)
     seed: int [0]
+    max_skipped_steps: int [10]       # consecutive non-finite (skipped) steps before the run stops; 0 = never
     mesh: {data [-1], fsdp [1], tensor [1], sequence [1], dcn_granule [auto], dcn_axis [data]}
     rules: [[logical_name, mesh_axis | [mesh_axes] | null], ...]   # the whole table, or
            {logical_name: axes, ...}   # entries replacing/added to wuneng_jax.sharding.DEFAULT_RULES
@@ -480,6 +481,7 @@ class TrainConfig:
     remat: str = "none"
     z_loss: float = 0.0
     seed: int = 0
+    max_skipped_steps: int = 10
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     rules: Rules = DEFAULT_RULES
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
@@ -509,6 +511,8 @@ class TrainConfig:
             _fail("remat", f"{self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         if self.z_loss < 0:
             _fail("z_loss", f"must be >= 0, got {self.z_loss}")
+        if self.max_skipped_steps < 0:
+            _fail("max_skipped_steps", f"must be >= 0 (0 = never stop), got {self.max_skipped_steps}")
         _validate_rules(self.rules)
         if not 0 <= self.seed < 2**32:
             _fail("seed", f"must be in [0, 2**32), got {self.seed}")

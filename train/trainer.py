@@ -11,17 +11,17 @@ start the weights from a checkpoint (``stage.init_from``), freeze part of them, 
 
 Resume: with ``checkpoint.resume`` (default) a run directory holding checkpoints continues from the
 newest one (model, optimizer, step, RNG and data position), so an interrupted run reproduces the
-uninterrupted one step for step. SIGTERM (preemption) sets a flag; the loop finishes the current
-step, saves, and returns with ``preempted=True``.
+uninterrupted one step for step. SIGTERM (preemption) or Ctrl-C sets a flag; the loop finishes the
+current step, saves, and returns with ``preempted=True`` (a second Ctrl-C aborts at once,
+``train.signals``). A run holds ``run_dir/run.lock`` (``train.run_lock``): a second run into the same
+directory is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +44,8 @@ from train.metrics import (
     truncate_jsonl,
 )
 from train.optimizer import make_optimizer
+from train.run_lock import locked_run_dir
+from train.signals import StopSignals
 from train.state import (
     conform_params,
     count_params,
@@ -128,6 +130,85 @@ class RunResult:
     preempted: bool
 
 
+class TrainingDiverged(RuntimeError):
+    """The run stopped because its steps kept producing a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class NonFiniteGuard:
+    """Stops a run after ``limit`` consecutive skipped (non-finite) steps, or when every step of the run
+    was skipped; ``limit == 0`` never stops."""
+
+    limit: int
+    lr: float
+    streak: int = 0
+
+    def check(self, step: int, skipped: bool, last_saved: int | None) -> None:
+        self.streak = self.streak + 1 if skipped else 0
+        if self.limit and self.streak >= self.limit:
+            which = f"the last {self.streak} steps ({step - self.streak + 1}..{step})"
+            raise TrainingDiverged(self._message(which, last_saved))
+
+    def check_all(self, start: int, done: int, n_skipped: int, last_saved: int | None) -> None:
+        if self.limit and done > start and n_skipped == done - start:
+            raise TrainingDiverged(self._message(f"every step of this run ({start + 1}..{done})", last_saved))
+
+    def _message(self, which: str, last_saved: int | None) -> str:
+        newest = (
+            "no checkpoint was written" if last_saved is None else f"newest checkpoint: step {last_saved}"
+        )
+        return (
+            f"{which} had a non-finite loss or gradient, so their updates were skipped and the run stopped. "
+            f"Likely causes: a learning rate too high (optimizer.lr={self.lr:g}), a bad initialisation "
+            "(stage.init_from, model.initializer_range) or token ids >= model.vocab_size in the data; lower "
+            f"optimizer.lr or fix the data / init and run again ({newest}); max_skipped_steps sets the limit "
+            "(0: never stop)"
+        )
+
+
+class _Progress:
+    """The tqdm bar, created when the first step has finished (compilation is then out of its rate and
+    ETA); ``write`` prints above the bar, or as a plain line before it exists."""
+
+    def __init__(self, total: int, *, enabled: bool, echo: Callable[[str], None]):
+        self.total = total
+        self.enabled = enabled
+        self._echo = echo
+        self._bar: Any = None
+
+    def start(self, initial: int) -> None:
+        if self.enabled and self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.total,
+                initial=initial,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                smoothing=0.1,
+            )
+
+    def write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            self._echo(text)
+
+    def postfix(self, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def update(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 class Trainer:
     """One training run described by a :class:`TrainConfig`.
 
@@ -137,7 +218,8 @@ class Trainer:
     ``[local_batch, seq_len]`` numpy arrays with the keys of ``train.data.pipeline``) and has
     ``get_state()``/``set_state()`` (saved in checkpoints, e.g. a ``grain.DatasetIterator``);
     ``eval_batches`` is a re-iterable of local eval batches of ``local_batch // grad_accum_steps``
-    rows, or None.
+    rows, or None. ``verbose`` prints the whole resolved config at start-up (always saved to
+    ``run_dir/config.yaml``), not only the summary.
     """
 
     def __init__(
@@ -147,9 +229,11 @@ class Trainer:
         echo: Callable[[str], None] | None = None,
         model_builder: Callable[..., Any] | None = None,
         data_factory: Callable[[Trainer], tuple[Any, Any]] | None = None,
+        verbose: bool = False,
     ):
         initialize_distributed(cfg.distributed)
         self.cfg = cfg
+        self.verbose = verbose
         self.primary = jax.process_index() == 0
         self._echo = echo or (lambda s: print(s, flush=True))
         self.run_dir = Path(cfg.run_dir)
@@ -215,7 +299,6 @@ class Trainer:
         self.peak = device_peak_flops(kind)
         self.throughput = Throughput(self.flops["total"], cfg.tokens_per_step, jax.device_count(), self.peak)
 
-        self.checkpointer = ckpt_lib.Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
         self._stop_requested = False
 
     # ---- helpers
@@ -248,6 +331,7 @@ class Trainer:
                 f"config field `model.vocab_size`: the token store {d.store!r} has vocabulary size "
                 f"{store.vocab_size} but the model only {vocab}; set model.vocab_size >= {store.vocab_size}"
             )
+        store.check_ids(vocab)
         self.store = store
         seed = self.cfg.seed if d.seed is None else d.seed
         train_it = pipeline.train_iterator(
@@ -261,6 +345,7 @@ class Trainer:
         )
         eval_ds = None
         eval_store = TokenStore(d.store, "eval")
+        eval_store.check_ids(vocab)
         if eval_store.num_tokens > 0:
             eval_ds = pipeline.eval_batches(
                 eval_store,
@@ -301,14 +386,14 @@ class Trainer:
 
         return make_global_batch({k: local[k] for k in BATCH_KEYS}, self.mesh, batch_spec(self.rules))
 
-    def _stop_agreed(self) -> bool:
-        flag = self._stop_requested
+    def _stop_agreed(self, requested: str | None = None) -> bool:
+        flag = self._stop_requested or requested is not None
         if jax.process_count() > 1:
             flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
         return flag
 
     def request_stop(self, *_: Any) -> None:
-        """Ask the loop to save and return after the current step (the SIGTERM handler)."""
+        """Ask the loop to save and return after the current step (SIGTERM / Ctrl-C do the same)."""
         self._stop_requested = True
 
     def evaluate(self, state, eval_ds) -> float | None:
@@ -325,67 +410,102 @@ class Trainer:
 
     # ---- the run
     def run(self) -> RunResult:
-        cfg = self.cfg
-        if self.primary:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            text = dump_yaml(self.resolved)
-            (self.run_dir / "config.yaml").write_text(text)
-            self.echo("resolved config (saved to " + str(self.run_dir / "config.yaml") + "):\n" + text)
-        self.echo(
-            f"mesh {describe(self.mesh)} on {jax.device_count()} {jax.devices()[0].device_kind} device(s), "
-            f"{jax.process_count()} process(es); model {self.n_params:,} params; "
-            f"{self.flops['total'] / 1e6:,.2f} MFLOP/token (dense {self.flops['dense'] / 1e6:,.2f}, "
-            f"attention {self.flops['attention'] / 1e6:,.2f}, state {self.flops['state'] / 1e6:,.2f})"
+        """Train to ``cfg.steps`` (resuming from ``run_dir``) while holding the run directory's lock."""
+        with locked_run_dir(self.run_dir, "wuneng train"):
+            # created under the lock: a manager cleans up unfinished saves, which may be another run's
+            self.checkpointer = ckpt_lib.Checkpointer(self.run_dir / "checkpoints", self.cfg.checkpoint)
+            return self._run()
+
+    def _summary(self) -> list[str]:
+        """At most a handful of start-up lines: what trains on what, for how long, where."""
+        cfg, mc = self.cfg, self.model_cfg
+        preset = cfg.model if isinstance(cfg.model, str) else cfg.model.get("preset", cfg.model.get("family"))
+        data = (
+            cfg.data.store or f"chat data ({len(cfg.data.chat.files)} files, sample {cfg.data.chat.sample})"
         )
+        o = cfg.optimizer
+        return [
+            f"run {self.run_dir}: {getattr(mc, 'family', type(mc).__name__)} model ({preset}), "
+            f"{self.n_params:,} params, {cfg.dtype} compute",
+            f"data {data} ({cfg.data.tokenizer} tokenizer); {cfg.steps} steps x {cfg.global_batch_size} rows x "
+            f"{cfg.seq_len} tokens",
+            f"optimizer lr {o.lr:g} ({o.schedule}, warmup {o.warmup_steps}); checkpoint every "
+            f"{cfg.checkpoint.interval} steps; eval every {cfg.eval.interval or '-'}",
+            f"mesh {describe(self.mesh)} on {jax.device_count()} {jax.devices()[0].device_kind} device(s), "
+            f"{jax.process_count()} process(es); {self.flops['total'] / 1e6:,.2f} MFLOP/token (dense "
+            f"{self.flops['dense'] / 1e6:,.2f}, attention {self.flops['attention'] / 1e6:,.2f}, state "
+            f"{self.flops['state'] / 1e6:,.2f})",
+            f"resolved config: {self.run_dir / 'config.yaml'}"
+            + ("" if self.verbose else " (--verbose prints it)"),
+        ]
+
+    def _warnings(self) -> list[str]:
+        """Settings that run but probably are not what was meant."""
+        out = []
+        max_pos = getattr(self.model_cfg, "max_position_embeddings", None)
+        if max_pos is not None and self.cfg.seq_len > max_pos:
+            out.append(
+                f"warning: seq_len={self.cfg.seq_len} is above model.max_position_embeddings={max_pos}: positions "
+                f"past {max_pos} were never meant for this model; set seq_len <= {max_pos} or raise "
+                "model.max_position_embeddings"
+            )
+        return out
+
+    def _save_config(self) -> None:
+        """``run_dir/config.yaml`` (atomically), once the run has started: a start that fails leaves an
+        existing run's config alone."""
+        if not self.primary:
+            return
+        path = self.run_dir / "config.yaml"
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(dump_yaml(self.resolved))
+        tmp.replace(path)
+
+    def _start(self) -> tuple[Any, Any, Any, int | None]:
+        """Open the data and restore the newest checkpoint (or initialise): ``(train_it, eval_ds, state,
+        restored step)``."""
+        cfg = self.cfg
+        train_it, eval_ds = self._open_data()
+        existing = self.checkpointer.latest_step()
+        if existing is not None and not cfg.checkpoint.resume:
+            raise ConfigError(
+                f"config field `checkpoint.resume`: false, but {self.checkpointer.directory} already holds "
+                f"checkpoints (newest: step {existing}); choose a new run_dir, delete them, or resume"
+            )
+        if existing is not None:
+            restored = self.checkpointer.restore(existing, self.layout, self._meta())
+            state = restored.state
+            train_it.set_state(restored.data_state)
+            self.echo(f"resumed from {self.checkpointer.directory / str(existing)} (step {existing})")
+        else:
+            state = self._initial_state()
+        if self.plan.teacher is not None:
+            self._step_extra = (self.plan.teacher.load(self.mesh, self.rules),)
+        return train_it, eval_ds, state, existing
+
+    def _run(self) -> RunResult:
+        cfg = self.cfg
+        for line in self._summary() + self._warnings():
+            self.echo(line)
         if self.plan.kind != "pretrain" or self.plan.notes:
             self.echo(f"stage {self.plan.kind}: " + "; ".join(self.plan.notes))
-
         try:
-            train_it, eval_ds = self._open_data()
-            existing = self.checkpointer.latest_step()
-            if existing is not None and not cfg.checkpoint.resume:
-                raise ConfigError(
-                    f"config field `checkpoint.resume`: false, but {self.checkpointer.directory} already holds "
-                    f"checkpoints (newest: step {existing}); choose a new run_dir, delete them, or resume"
-                )
-            if existing is not None:
-                restored = self.checkpointer.restore(existing, self.layout, self._meta())
-                state = restored.state
-                train_it.set_state(restored.data_state)
-                self.echo(f"resumed from {self.checkpointer.directory / str(existing)} (step {existing})")
-            else:
-                state = self._initial_state()
-            if self.plan.teacher is not None:
-                self._step_extra = (self.plan.teacher.load(self.mesh, self.rules),)
+            train_it, eval_ds, state, latest = self._start()
         except BaseException:
             self.checkpointer.close()
             raise
-        latest = existing
+        self._save_config()
+        if self.verbose:
+            self.echo("resolved config:\n" + dump_yaml(self.resolved))
         start = int(jax.device_get(state.step))
         if self.primary:
             truncate_jsonl(self.run_dir / "metrics.jsonl", start)
         writer = MetricsWriter(
             self.run_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard, primary=self.primary
         )
-
-        progress = None
-        if self.primary and cfg.log.progress:
-            from tqdm import tqdm
-
-            progress = tqdm(
-                total=cfg.steps,
-                initial=start,
-                unit="step",
-                dynamic_ncols=True,
-                file=sys.stderr,
-                smoothing=0.1,
-            )
-
-        def out(text: str) -> None:
-            if progress is not None:
-                progress.write(text)
-            else:
-                self.echo(text)
+        bar = _Progress(cfg.steps, enabled=self.primary and cfg.log.progress, echo=self.echo)
+        out = bar.write
+        guard = NonFiniteGuard(cfg.max_skipped_steps, cfg.optimizer.lr)
 
         losses: dict[int, float] = {}
         skipped: list[int] = []
@@ -401,6 +521,7 @@ class Trainer:
             if not first_recorded[0]:
                 first_recorded[0] = True
                 self.throughput.start()  # exclude compilation from the first window
+                bar.start(step_no - 1)  # and from the progress bar's rate and ETA
             else:
                 self.throughput.tick()
             if step_no % cfg.log.interval == 0 or step_no == cfg.steps:
@@ -408,17 +529,10 @@ class Trainer:
                 if window:
                     values.update(window)
                 out(format_line(step_no, cfg.steps, values))
-                if progress is not None:
-                    progress.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+                bar.postfix(values["loss"])
             writer.write(step_no, "train", values)
-            if progress is not None:
-                progress.update(1)
-
-        stop_handler_installed = False
-        previous_handler = None
-        if threading.current_thread() is threading.main_thread():
-            previous_handler = signal.signal(signal.SIGTERM, self.request_stop)
-            stop_handler_installed = True
+            bar.update()
+            guard.check(step_no, bool(values["skipped"]), last_saved)
 
         preempted = False
         last_saved = latest
@@ -426,54 +540,60 @@ class Trainer:
         profiling = False
         prof = cfg.profiler
         try:
-            pending: tuple[int, Any] | None = None
-            done = start
-            for s in range(start, cfg.steps):
-                if prof.start_step >= 0 and s == prof.start_step and not profiling:
-                    jax.profiler.start_trace(str(self.run_dir / "profile"))
-                    profiling = True
-                local = next(train_it)
-                with mesh_context(self.mesh, self.rules):
-                    state, metrics = self.train_step(state, self._global_batch(local), *self._step_extra)
-                done = s + 1
-                if pending is not None:
-                    record(*pending)
-                pending = (done, metrics)
-                if profiling and done >= prof.start_step + prof.num_steps:
-                    jax.block_until_ready(metrics)
-                    jax.profiler.stop_trace()
-                    profiling = False
-                    out(
-                        f"profile of steps {prof.start_step}..{done - 1} written to {self.run_dir / 'profile'}"
-                    )
-                if cfg.eval.interval and done % cfg.eval.interval == 0 and done < cfg.steps:
-                    record(*pending)
-                    pending = None
-                    ev = self.evaluate(state, eval_ds)
-                    if ev is not None:
-                        writer.write(done, "eval", {"loss": ev})
-                        out(f"step {done}/{cfg.steps} | eval loss {ev:.4f}")
-                    self.throughput.start()
-                stop = self._stop_agreed()
-                if done % cfg.checkpoint.interval == 0 or stop:
+            with StopSignals() as signals:
+                pending: tuple[int, Any] | None = None
+                done = start
+                for s in range(start, cfg.steps):
+                    if prof.start_step >= 0 and s == prof.start_step and not profiling:
+                        jax.profiler.start_trace(str(self.run_dir / "profile"))
+                        profiling = True
+                    local = next(train_it)
+                    if s == start:
+                        out("compiling the train step (the first step takes longer) ...")
+                    with mesh_context(self.mesh, self.rules):
+                        state, metrics = self.train_step(state, self._global_batch(local), *self._step_extra)
+                    done = s + 1
                     if pending is not None:
                         record(*pending)
+                    pending = (done, metrics)
+                    if profiling and done >= prof.start_step + prof.num_steps:
+                        jax.block_until_ready(metrics)
+                        jax.profiler.stop_trace()
+                        profiling = False
+                        out(
+                            f"profile of steps {prof.start_step}..{done - 1} written to {self.run_dir / 'profile'}"
+                        )
+                    if cfg.eval.interval and done % cfg.eval.interval == 0 and done < cfg.steps:
+                        record(*pending)
                         pending = None
+                        ev = self.evaluate(state, eval_ds)
+                        if ev is not None:
+                            writer.write(done, "eval", {"loss": ev})
+                            out(f"step {done}/{cfg.steps} | eval loss {ev:.4f}")
+                        self.throughput.start()
+                    stop = self._stop_agreed(signals.requested)
+                    if done % cfg.checkpoint.interval == 0 or stop:
+                        if pending is not None:
+                            record(*pending)
+                            pending = None
+                        self.checkpointer.save(done, state, train_it.get_state(), self._meta())
+                        last_saved = done
+                    if stop:
+                        preempted = True
+                        out(
+                            f"stop requested ({signals.requested or 'another process'}): saved step {done} to "
+                            f"{self.checkpointer.directory}; exiting"
+                        )
+                        break
+                if pending is not None:
+                    record(*pending)
+                if not preempted:
+                    guard.check_all(start, done, len(skipped), last_saved)
+                if profiling:
+                    jax.profiler.stop_trace()
+                if last_saved != done:
                     self.checkpointer.save(done, state, train_it.get_state(), self._meta())
-                    last_saved = done
-                if stop:
-                    preempted = True
-                    out(
-                        f"stop requested (SIGTERM): saved step {done} to {self.checkpointer.directory}; exiting"
-                    )
-                    break
-            if pending is not None:
-                record(*pending)
-            if profiling:
-                jax.profiler.stop_trace()
-            if last_saved != done:
-                self.checkpointer.save(done, state, train_it.get_state(), self._meta())
-            self.checkpointer.wait()
+                self.checkpointer.wait()
             if not preempted and cfg.eval.at_end:
                 eval_loss = self.evaluate(state, eval_ds)
                 if eval_loss is not None:
@@ -484,11 +604,8 @@ class Trainer:
                 sample = self._sample(state)
                 out("sample:\n" + sample)
         finally:
-            if progress is not None:
-                progress.close()
+            bar.close()
             writer.close()
-            if stop_handler_installed:
-                signal.signal(signal.SIGTERM, previous_handler)
             self.checkpointer.close()
         return RunResult(
             start_step=start,

@@ -397,11 +397,21 @@ def run_experiment(
     max_runs: int | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Set up, train every pending run, write the report; returns a summary (counts + paths)."""
+    """Set up, train every pending run, write the report; returns a summary (counts + paths). Holds the
+    output directory's run lock (a second experiment into it is refused)."""
     import jax
 
     if jax.process_count() > 1:
         raise ExperimentError("the experiment runner is single-host; run it on one process (any devices)")
+    from train.run_lock import locked_run_dir
+
+    with locked_run_dir(spec.out_dir, "wuneng experiment"):
+        return _run_experiment(spec, workers=workers, max_runs=max_runs, echo=echo)
+
+
+def _run_experiment(
+    spec: ExperimentSpec, *, workers: int | None, max_runs: int | None, echo: Callable[[str], None]
+) -> dict[str, Any]:
     from train.experiments import report
 
     out = Path(spec.out_dir)

@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from train.config import ConfigError, TrainConfig, apply_override, dump_yaml, from_dict
+from train.run_lock import locked_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +195,9 @@ def run_pipeline(
     """Run the stages in order (skipping complete ones, resuming a partial one), then export.
 
     Returns ``{"stages": {name: "skipped" | "ran" | "preempted"}, "export": path or None}``; a preempted
-    stage (SIGTERM) stops the pipeline (run the command again to continue).
+    stage (SIGTERM, Ctrl-C) stops the pipeline (run the command again to continue). Holds ``root``'s run
+    lock (``train.run_lock``): a second pipeline into the same root is refused.
     """
-    from train.upcycle.sources import latest_step
 
     if trainer_factory is None:
         from train.trainer import Trainer
@@ -204,7 +205,19 @@ def run_pipeline(
         trainer_factory = lambda cfg: Trainer(cfg, echo=echo)  # noqa: E731
     import jax
 
-    primary = jax.process_index() == 0
+    with locked_run_dir(pipe.root, "wuneng upcycle"):
+        return _run_stages(pipe, echo, trainer_factory, primary=jax.process_index() == 0)
+
+
+def _run_stages(
+    pipe: Pipeline,
+    echo: Callable[[str], None],
+    trainer_factory: Callable[[TrainConfig], Any],
+    *,
+    primary: bool,
+) -> dict[str, Any]:
+    from train.upcycle.sources import latest_step
+
     status: dict[str, str] = {}
     previous: tuple[str, Path] | None = None
     for name, cfg in pipe.stages:

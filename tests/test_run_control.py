@@ -1,0 +1,177 @@
+"""Interruptions and concurrent starts: Ctrl-C saves like SIGTERM and a second Ctrl-C aborts at once; a run
+directory in use is refused naming the other process, a stale lock is taken over; a run whose steps stay
+non-finite stops with the likely causes. The trainers here run a stub step (nothing to compile)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from train_support import PYTHON, REPO, stub_step_trainer, subprocess_env, tiny_config, write_yaml
+
+from train.cli import main
+from train.run_lock import RunLock, RunLockError
+from train.signals import ABORT_EXIT_CODE, StopSignals
+from train.trainer import TrainingDiverged
+
+
+def _interrupt(n: int) -> None:
+    if n == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the watcher thread sets the flag
+
+
+def test_ctrl_c_finishes_the_step_saves_and_returns(tmp_path):
+    trainer, lines = stub_step_trainer(tmp_path / "run", steps=50, on_batch=_interrupt)
+    result = trainer.run()
+    assert result.preempted and result.final_step == 3
+    assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
+    assert any("stop requested (SIGINT): saved step 3" in line for line in lines)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
+
+
+def test_sigterm_sets_the_same_flag():
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.time() + 5
+        while signals.requested is None and time.time() < deadline:
+            time.sleep(0.01)
+    assert signals.requested == "SIGTERM"
+
+
+SECOND_CTRL_C = """
+import os, signal, time
+from train.signals import StopSignals
+with StopSignals() as s:
+    os.kill(os.getpid(), signal.SIGINT)
+    while s.requested is None:
+        time.sleep(0.01)
+    print("first Ctrl-C: still running", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+print("not aborted")
+"""
+
+
+def test_second_ctrl_c_aborts_at_once():
+    t0 = time.time()
+    proc = subprocess.run(
+        [PYTHON, "-c", SECOND_CTRL_C],
+        env=subprocess_env(1),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == ABORT_EXIT_CODE, proc.stderr
+    assert time.time() - t0 < 20
+    assert "first Ctrl-C: still running" in proc.stdout and "not aborted" not in proc.stdout
+    assert "Ctrl-C again to abort" in proc.stderr and "SIGINT again: aborting now" in proc.stderr
+
+
+# ---- the run-directory lock
+
+
+def test_a_second_lock_names_the_holder_and_release_frees_it(tmp_path):
+    with RunLock(tmp_path, "wuneng train a.yaml"):
+        with pytest.raises(RunLockError, match=rf"pid {os.getpid()} on host {socket.gethostname()}") as e:
+            RunLock(tmp_path).acquire()
+        assert "wuneng train a.yaml" in str(e.value)
+    with RunLock(tmp_path) as lock:  # released: free again, and not a takeover
+        assert lock.took_over is None
+
+
+KILLED_HOLDER = """
+import os, sys
+from train.run_lock import RunLock
+RunLock(sys.argv[1], "wuneng train killed.yaml").acquire()
+print(os.getpid(), flush=True)
+os._exit(9)  # ends without releasing, as after kill -9
+"""
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
+    proc = subprocess.run(
+        [PYTHON, "-c", KILLED_HOLDER, str(tmp_path)],
+        env=subprocess_env(1),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    dead_pid = proc.stdout.strip()
+    assert proc.returncode == 9 and dead_pid, proc.stderr
+    with RunLock(tmp_path) as lock:
+        assert lock.took_over is not None and f"pid {dead_pid}" in lock.took_over
+        assert "killed.yaml" in lock.took_over
+
+
+def test_train_into_a_directory_in_use_is_refused_and_keeps_its_config(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("the running run's config\n")
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_config(run_dir, str(tmp_path / "store")))
+    with RunLock(run_dir, "wuneng train other.yaml"):
+        assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wuneng train: error:") and f"pid {os.getpid()}" in err and "in use" in err
+    assert (run_dir / "config.yaml").read_text() == "the running run's config\n"
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_upcycle_and_experiment_take_the_lock(tmp_path):
+    from train.experiments.runner import run_experiment
+    from train.experiments.spec import load_experiment
+    from train.upcycle.pipeline import load_pipeline, run_pipeline
+
+    pipe = load_pipeline(REPO / "configs" / "upcycle" / "tiny.yaml", [f"root={tmp_path / 'up'}"])
+    spec = load_experiment(REPO / "configs" / "experiments" / "small.yaml", [f"out_dir={tmp_path / 'ex'}"])
+    for directory, start in (
+        (pipe.root, lambda: run_pipeline(pipe)),
+        (spec.out_dir, lambda: run_experiment(spec)),
+    ):
+        with RunLock(directory, "wuneng other"):
+            with pytest.raises(RunLockError, match="wuneng other"):
+                start()
+
+
+# ---- non-finite steps
+
+
+def test_consecutive_skipped_steps_stop_the_run_naming_the_causes(tmp_path):
+    trainer, _ = stub_step_trainer(
+        tmp_path / "run", loss=float("nan"), skipped=1, steps=50, max_skipped_steps=4
+    )
+    with pytest.raises(TrainingDiverged, match=r"the last 4 steps \(1\.\.4\)") as e:
+        trainer.run()
+    for cause in (
+        "optimizer.lr=0.01",
+        "initialisation",
+        "token ids >= model.vocab_size",
+        "max_skipped_steps",
+    ):
+        assert cause in str(e.value)
+    assert not (tmp_path / "run" / "checkpoints" / "4").exists()
+
+
+def test_a_run_whose_every_step_was_skipped_fails(tmp_path):
+    trainer, _ = stub_step_trainer(
+        tmp_path / "run", loss=float("inf"), skipped=1, steps=3, max_skipped_steps=10
+    )
+    with pytest.raises(TrainingDiverged, match=r"every step of this run \(1\.\.3\)"):
+        trainer.run()
+
+
+def test_diverged_run_exits_1_with_one_line(tmp_path, capsys, monkeypatch):
+    from train.trainer import Trainer
+
+    def diverge(self):
+        raise TrainingDiverged("the last 10 steps (1..10) had a non-finite loss")
+
+    monkeypatch.setattr(Trainer, "run", diverge)
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "run", str(tmp_path / "store")))
+    assert main(["train", str(cfg)]) == 1
+    assert capsys.readouterr().err == "wuneng train: error: the last 10 steps (1..10) had a non-finite loss\n"
