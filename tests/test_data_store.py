@@ -6,6 +6,7 @@ import json
 import os
 import sysconfig
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -354,3 +355,46 @@ def test_cli_main(tmp_path, capsys):
     assert len(TokenStore(out)) == len(docs)
     assert main([str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _store_with_ids(path: Path, ids: list[int], vocab_size: int) -> TokenStore:
+    m = new_manifest(tokenizer={"kind": "byte"}, vocab_size=vocab_size, eos_id=1, pad_id=0, chunk_tokens=16)
+    store_mod.write_manifest(path, m)
+    w = StoreWriter(path, m)
+    for split in ("train", "eval"):
+        w.append(split, np.asarray(ids), [len(ids)])
+    w.finalize()
+    return TokenStore(path)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_when_opened(tmp_path):
+    st = _store_with_ids(tmp_path / "s", [5, 299, 1], vocab_size=258)
+    assert st.max_token_id == 299 and st.manifest["splits"]["eval"]["max_id"] == 299
+    with pytest.raises(StoreError, match=r"holds token id 299 but its manifest says vocab_size 258"):
+        st.check_ids(320)
+    ok = _store_with_ids(tmp_path / "ok", [5, 250, 1], vocab_size=258)
+    ok.check_ids(258)
+    with pytest.raises(StoreError, match=r"holds token id 250 but model.vocab_size is 200"):
+        ok.check_ids(200)
+    # a store written before manifests recorded max_id: the ids are read once
+    m = store_mod.read_manifest(tmp_path / "s")
+    del m["splits"]["train"]["max_id"]
+    store_mod.write_manifest(tmp_path / "s", m)
+    assert TokenStore(tmp_path / "s").max_token_id == 299
+
+
+def test_train_and_eval_refuse_a_store_with_ids_beyond_the_vocabulary(tmp_path, capsys):
+    from train_support import tiny_config, write_yaml
+
+    from train.cli import main
+    from train.evaluate import perplexity
+
+    _store_with_ids(tmp_path / "s", [5, 299, 1], vocab_size=258)
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "run", str(tmp_path / "s")))
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wuneng train: error: token store") and "holds token id 299" in err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    model = SimpleNamespace(cfg=SimpleNamespace(vocab_size=320))  # refused before the model is used
+    with pytest.raises(StoreError, match="holds token id 299"):
+        perplexity(model, str(tmp_path / "s"), seq_len=32, batch_size=8, progress=False)

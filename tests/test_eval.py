@@ -83,6 +83,13 @@ def test_perplexity_equals_exp_mean_token_loss(tmp_path):
     assert out["tokens"] == count and out["seq_len"] == seq_len
     np.testing.assert_allclose(out["perplexity"], math.exp(nll / count), rtol=1e-5)
 
+    # a model with non-finite parameters: a named error, never a `nan` perplexity
+    from flax import nnx
+
+    nnx.update(model, jax.tree.map(lambda p: p * np.nan, nnx.state(model, nnx.Param)))
+    with pytest.raises(ValueError, match=r"the loss is nan \(not finite\).*parameters are not finite"):
+        perplexity(model, store, seq_len=seq_len, batch_size=batch, max_batches=1, progress=False)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Scorer, rolling windows, multiple choice (successor model: known answers)

@@ -106,6 +106,7 @@ def perplexity(
             f"the token store has vocabulary size {store.vocab_size} but the model only {vocab}: "
             "evaluate with the model's own tokenizer/store"
         )
+    store.check_ids(vocab, "the model's vocab_size")
     n_proc = jax.process_count()
     if batch_size % n_proc:
         raise ValueError(f"batch_size={batch_size} is not divisible by the {n_proc} processes")
@@ -144,6 +145,12 @@ def perplexity(
     if n == 0:
         raise ValueError(f"split {store.split!r} of {store.path} has no token to score (empty split?)")
     nll = ce / n
+    if not math.isfinite(nll):
+        raise ValueError(
+            f"perplexity on split {store.split!r} of {store.path}: the loss is {nll} (not finite): the model's "
+            "parameters are not finite (a diverged checkpoint?) or its logits overflow in its compute dtype; "
+            "check the checkpoint, or evaluate with --dtype float32"
+        )
     return PerplexityResult(math.exp(nll), nll, int(n), len(ds), time.perf_counter() - t0)
 
 

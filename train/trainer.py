@@ -435,8 +435,6 @@ class Trainer:
             f"{jax.process_count()} process(es); {self.flops['total'] / 1e6:,.2f} MFLOP/token (dense "
             f"{self.flops['dense'] / 1e6:,.2f}, attention {self.flops['attention'] / 1e6:,.2f}, state "
             f"{self.flops['state'] / 1e6:,.2f})",
-            f"resolved config: {self.run_dir / 'config.yaml'}"
-            + ("" if self.verbose else " (--verbose prints it)"),
         ]
 
     def _warnings(self) -> list[str]:
@@ -495,8 +493,10 @@ class Trainer:
             self.checkpointer.close()
             raise
         self._save_config()
-        if self.verbose:
-            self.echo("resolved config:\n" + dump_yaml(self.resolved))
+        where = f"resolved config saved to {self.run_dir / 'config.yaml'}"
+        self.echo(
+            f"{where}:\n{dump_yaml(self.resolved)}" if self.verbose else f"{where} (--verbose prints it)"
+        )
         start = int(jax.device_get(state.step))
         if self.primary:
             truncate_jsonl(self.run_dir / "metrics.jsonl", start)

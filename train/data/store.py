@@ -10,9 +10,10 @@ Layout of a store at ``PATH`` (a local directory or a tensorstore kvstore URL su
 Splits are ``train`` and ``eval`` (the held-out split; may be empty). Every stored document ends with
 the tokenizer's EOS id (appended by ``prepare``) and is never empty.
 
-The manifest records the tokenizer, vocab size, EOS/PAD ids, dtype, per-split counts and content
-hashes, and the progress of ``prepare`` (``complete``, ``inputs_done``). Arrays are only trusted up to
-the counts of the last manifest written: a crash between an array write and the manifest write
+The manifest records the tokenizer, vocab size, EOS/PAD ids, dtype, per-split counts, content
+hashes and largest token ids (``max_id``, checked against a model's vocabulary when a split is
+opened for training or evaluation), and the progress of ``prepare`` (``complete``, ``inputs_done``).
+Arrays are only trusted up to the counts of the last manifest written: a crash between an array write and the manifest write
 leaves extra data that the next ``prepare`` run truncates, and a store whose manifest does not say
 ``"complete": true`` refuses to open for reading.
 """
@@ -152,14 +153,19 @@ def _open_array(path: str, key: str) -> ts.TensorStore:
         raise StoreError(f"token store {path!r}: array {key!r} is missing or unreadable ({e})") from e
 
 
-def _hash_split(tokens: ts.TensorStore, offsets: ts.TensorStore, n_tokens: int, n_docs: int) -> str:
-    """sha256 over the split's tokens (little-endian, stored dtype) followed by its offsets (int64 LE)."""
+def _scan_split(
+    tokens: ts.TensorStore, offsets: ts.TensorStore, n_tokens: int, n_docs: int
+) -> tuple[str, int]:
+    """``(hash, max_id)``: sha256 over the split's tokens (little-endian, stored dtype) followed by its
+    offsets (int64 LE), and the largest token id (-1 for an empty split)."""
     h = hashlib.sha256()
+    max_id = -1
     for a in range(0, n_tokens, _HASH_BLOCK):
         block = tokens[a : min(a + _HASH_BLOCK, n_tokens)].read().result()
         h.update(np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")).tobytes())
+        max_id = max(max_id, int(block.max()))
     h.update(np.ascontiguousarray(offsets[: n_docs + 1].read().result(), dtype="<i8").tobytes())
-    return h.hexdigest()
+    return h.hexdigest(), max_id
 
 
 def _combined_hash(split_hashes: dict[str, str]) -> str:
@@ -274,6 +280,27 @@ class TokenStore:
     def content_hash(self) -> str:
         return str(self.manifest.get("content_hash", ""))
 
+    @property
+    def max_token_id(self) -> int:
+        """The split's largest token id (-1 when empty): recorded by ``prepare``, else read once."""
+        info = self.manifest["splits"][self.split]
+        if "max_id" not in info:  # a store written before the manifest recorded it
+            info["max_id"] = _scan_split(self._tokens, self._offsets_arr, self.num_tokens, len(self))[1]
+        return int(info["max_id"])
+
+    def check_ids(self, vocab_size: int, field: str = "model.vocab_size") -> None:
+        """Refuse a split whose token ids do not fit the store's tokenizer or a model's ``vocab_size``."""
+        limit = min(vocab_size, self.vocab_size)
+        if self.max_token_id >= limit:
+            owner = (
+                f"{field} is {vocab_size}" if limit == vocab_size else f"its manifest says vocab_size {limit}"
+            )
+            raise StoreError(
+                f"token store {self.path!r}, split {self.split!r}: holds token id {self.max_token_id} but {owner}; "
+                f"ids must be < vocab_size: re-create the store with the model's tokenizer (prepare-data "
+                f"--overwrite) or use a model with vocab_size > {self.max_token_id}"
+            )
+
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens ``[start, stop)`` of this split's stream (stored dtype)."""
         start, stop = int(start), int(stop)
@@ -312,7 +339,7 @@ class TokenStore:
         """Re-hashes the split's arrays and compares with the manifest (reads the whole split)."""
         info = self.manifest["splits"][self.split]
         want = info.get("hash")
-        got = _hash_split(self._tokens, self._offsets_arr, self.num_tokens, len(self))
+        got, _ = _scan_split(self._tokens, self._offsets_arr, self.num_tokens, len(self))
         if want != got:
             raise StoreError(
                 f"token store {self.path!r}: split {self.split!r} content hash {got[:16]}... does not match the "
@@ -409,7 +436,7 @@ class StoreWriter:
         self.flush()
         hashes = {}
         for split, c in self.counts.items():
-            c["hash"] = _hash_split(
+            c["hash"], c["max_id"] = _scan_split(
                 self._tokens[split], self._offsets[split], int(c["n_tokens"]), int(c["n_docs"])
             )
             hashes[split] = c["hash"]
