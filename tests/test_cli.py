@@ -63,3 +63,64 @@ def test_prepare_data_delegates(tmp_path, capsys):
     )
     assert "complete" in capsys.readouterr().out
     assert (out / "manifest.json").is_file()
+
+
+def _hf_dir(path, config_text: str):
+    path.mkdir()
+    (path / "config.json").write_text(config_text)
+    return path
+
+
+QWEN2_JSON = (
+    '{"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, '
+    '"num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}'
+)
+
+
+@pytest.mark.parametrize(
+    "make, command, message",
+    [
+        (
+            lambda t: (t / "c.yaml").write_text("run_dir: x\nmodel: [a, b\nsteps: 3\n") and t / "c.yaml",
+            ["train"],
+            "c.yaml:3:6: malformed YAML (expected ',' or ']', but got ':'); fix the file at that line",
+        ),
+        (
+            lambda t: _hf_dir(t / "hf", '{"model_type": "qwen2",\n'),
+            ["generate", "--prompt", "x"],
+            "hf/config.json:2:1: malformed JSON (Expecting property name enclosed in double quotes)",
+        ),
+        (
+            lambda t: _hf_dir(t / "hf", '{"model_type": "qwen2"}'),
+            ["eval"],
+            "hf/config.json: missing required key(s) ['vocab_size'",
+        ),
+        (
+            lambda t: _hf_dir(t / "hf", QWEN2_JSON),
+            ["generate", "--prompt", "x"],
+            "no weights: neither model.safetensors nor model.safetensors.index.json found",
+        ),
+        (lambda t: t / "no_run", ["eval"], "no_run' does not exist; give a run directory"),
+        (lambda t: t / "w.safetensors", ["generate", "--prompt", "x"], "w.safetensors' does not exist"),
+    ],
+)
+def test_bad_files_are_one_line_errors(tmp_path, capsys, make, command, message):
+    target = make(tmp_path)
+    code = main([command[0], str(target), *command[1:]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"wuneng {command[0]}: error: ") and message in err
+
+
+def test_multiple_choice_lines_without_choices_are_named(tmp_path):
+    from train.data.tokenizer import ByteTokenizer
+    from train.evaluate import load_mc_jsonl
+
+    path = tmp_path / "mc.jsonl"
+    path.write_text(
+        '{"context": "a", "choices": ["b", "c"], "gold": 0}\n{"context": "a", "choices": [], "gold": 0}\n'
+    )
+    with pytest.raises(
+        ValueError, match=r'mc.jsonl:2: "choices" must list at least 2 strings, got \[\]; each line'
+    ):
+        load_mc_jsonl(path, ByteTokenizer())

@@ -5,6 +5,7 @@ non-finite stops with the likely causes. The trainers here run a stub step (noth
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import time
 import pytest
 from train_support import PYTHON, REPO, stub_step_trainer, subprocess_env, tiny_config, write_yaml
 
+from train.checkpoint import CheckpointError
 from train.cli import main
 from train.run_lock import RunLock, RunLockError
 from train.signals import ABORT_EXIT_CODE, StopSignals
@@ -25,13 +27,31 @@ def _interrupt(n: int) -> None:
         time.sleep(0.5)  # the watcher thread sets the flag
 
 
-def test_ctrl_c_finishes_the_step_saves_and_returns(tmp_path):
-    trainer, lines = stub_step_trainer(tmp_path / "run", steps=50, on_batch=_interrupt)
-    result = trainer.run()
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A run stopped by Ctrl-C before its third batch: ``(result, printed lines, run_dir)``."""
+    run_dir = tmp_path_factory.mktemp("interrupted") / "run"
+    trainer, lines = stub_step_trainer(run_dir, steps=50, on_batch=_interrupt)
+    return trainer.run(), lines, run_dir
+
+
+def test_ctrl_c_finishes_the_step_saves_and_returns(interrupted):
+    result, lines, run_dir = interrupted
     assert result.preempted and result.final_step == 3
-    assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
+    assert (run_dir / "checkpoints" / "3").is_dir()
     assert any("stop requested (SIGINT): saved step 3" in line for line in lines)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
+
+
+def test_a_checkpoint_without_its_data_state_says_so(interrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(interrupted[2], run_dir)
+    (run_dir / "checkpoints" / "3" / "data" / "process_0-of-1.json").unlink()
+    trainer, _ = stub_step_trainer(run_dir, steps=50)
+    with pytest.raises(CheckpointError, match=r"data-iterator state .*process_0-of-1.json\) is missing") as e:
+        trainer.run()
+    assert f"delete {run_dir.absolute() / 'checkpoints' / '3'}" in str(e.value)
+    assert "different number of processes" not in str(e.value)
 
 
 def test_sigterm_sets_the_same_flag():

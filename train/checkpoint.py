@@ -44,6 +44,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be restored (corrupt, incomplete, or for a different model)."""
 
 
+class MissingIteratorState(CheckpointError):
+    """A checkpoint holds no data-iterator state for any process (an incomplete checkpoint)."""
+
+
 # --------------------------------------------------------------------------------------------
 # Data-iterator state item (per process, captured at save time)
 
@@ -64,10 +68,13 @@ class IteratorStateHandler(ocp.CheckpointHandler):
     def restore(self, directory: epath.Path, args: IteratorStateRestore | None = None) -> Any:
         path = epath.Path(directory) / _iter_file()
         if not path.exists():
-            raise CheckpointError(
-                f"{path} is missing: the checkpoint was written by a different number of processes "
-                f"({jax.process_count()} now)"
-            )
+            written = sorted(p.name for p in epath.Path(directory).glob("process_*-of-*.json"))
+            if written:
+                raise CheckpointError(
+                    f"{path} is missing: the checkpoint was written by a different number of processes "
+                    f"({written[0]} ...; {jax.process_count()} now); resume with the same number of processes"
+                )
+            raise MissingIteratorState(f"its data-iterator state ({path}) is missing")
         payload = json.loads(path.read_text())
         return payload["state"].encode() if payload["kind"] == "bytes" else payload["state"]
 
@@ -179,6 +186,8 @@ class Checkpointer:
                     data=IteratorStateRestore(),
                 ),
             )
+        except MissingIteratorState as e:
+            raise self._corrupt(step, e) from e
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001

@@ -55,6 +55,7 @@ from typing import Any
 
 import yaml
 
+from wuneng_jax.files import read_yaml
 from wuneng_jax.layers.remat import REMAT_POLICIES as REMAT_POLICY_TABLE
 from wuneng_jax.sharding import DEFAULT_RULES
 
@@ -559,8 +560,7 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        with open(path) as f:
-            loaded = yaml.safe_load(f)
+        loaded = read_yaml(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, Mapping):

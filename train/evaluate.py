@@ -194,13 +194,17 @@ def load_mc_jsonl(path: str | Path, tokenizer: Any) -> list[Any]:
                 f'{path}:{n}: expected {{"context": str, "choices": [str, ...], "gold": int}}, got keys '
                 f"{sorted(rec)}"
             )
-        pairs = [encode_pair(tokenizer, context, c) for c in choices]
         try:
+            if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                raise ValueError(f'"choices" must list at least 2 strings, got {choices!r}')
+            pairs = [encode_pair(tokenizer, context, c) for c in choices]
             questions.append(
                 MCQuestion(pairs[0][0], [p[1] for p in pairs], gold, norm_lengths=[len(c) for c in choices])
             )
         except ValueError as e:
-            raise ValueError(f"{path}:{n}: {e}") from None
+            raise ValueError(
+                f'{path}:{n}: {e}; each line needs {{"context": str, "choices": [str, str, ...], "gold": index}}'
+            ) from None
     if not questions:
         raise ValueError(f"{path}: no questions")
     return questions

@@ -149,12 +149,14 @@ def load_model(
         if ckpt is not None:
             return load_orbax(ckpt, step=step, dtype=dtype)
         if (path / "config.json").is_file():
-            import json
-
             from wuneng_jax.convert.hf_qwen2 import load_qwen2
             from wuneng_jax.convert.hf_wuneng import MODEL_TYPE, load_wuneng
+            from wuneng_jax.files import read_json
 
-            is_wuneng = json.loads((path / "config.json").read_text()).get("model_type") == MODEL_TYPE
+            hf_config = read_json(path / "config.json")
+            if not isinstance(hf_config, dict):
+                raise ValueError(f"{path / 'config.json'}: expected a JSON object of model settings")
+            is_wuneng = hf_config.get("model_type") == MODEL_TYPE
             load, kind = (load_wuneng, "hf_wuneng") if is_wuneng else (load_qwen2, "hf_qwen2")
             cfg, model = load(path, **({"dtype": dtype} if dtype else {}))
             tok = path / "tokenizer.json"

@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from wuneng_jax.files import read_yaml
+
 FAMILY_MODULES: dict[str, str] = {
     "qwen2": "wuneng_jax.models.qwen2",
     "rwkv7": "wuneng_jax.models.rwkv7",
@@ -233,8 +235,7 @@ def load_model_config(source: str | Path | Mapping[str, Any]) -> Any:
         if isinstance(source, str) and source in list_presets():
             return preset(source)
         raise FileNotFoundError(f"model config {str(source)!r}: no such file (and not a preset name)")
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    data = read_yaml(path)
     try:
         return config_from_dict(data if data is not None else {})
     except ValueError as e:

@@ -44,10 +44,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from train.config import ConfigError, apply_override, load_config
 from train.data import synthetic
+from wuneng_jax.files import read_yaml
 
 TASK_KINDS = ("mqar", "state_tracking", "lm")
 RUNNER_TRAIN_KEYS = ("run_dir", "model", "seq_len", "seed", "data")
@@ -265,7 +264,7 @@ def load_experiment(source: str | Path | Mapping[str, Any], overrides: Sequence[
         path = Path(source)
         if not path.is_file():
             raise ExperimentError(f"experiment file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ExperimentError(f"experiment file {str(path)!r} must hold a YAML mapping at top level")
         origin = str(path)

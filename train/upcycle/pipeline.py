@@ -37,10 +37,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from train.config import ConfigError, TrainConfig, apply_override, dump_yaml, from_dict
 from train.run_lock import locked_run_dir
+from wuneng_jax.files import read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ def _merge(into: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{what} {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text())
+    data = read_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, Mapping):

@@ -26,6 +26,7 @@ from wuneng_jax.convert.safetensors_io import (
     read_safetensors_dir,
     write_safetensors_dir,
 )
+from wuneng_jax.files import FileFormatError, read_json
 from wuneng_jax.layers.params import place
 from wuneng_jax.models.qwen2 import Qwen2, Qwen2Config
 
@@ -165,6 +166,21 @@ def _list_keys(keys: list[str], limit: int = 12) -> str:
     return str(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def _config_of(cfg_path: Path, from_hf: Any, overrides: dict[str, Any]) -> Any:
+    """The model config of a checkpoint's ``config.json``; a malformed or incomplete file is a
+    ``ValueError`` naming the file."""
+    hf = read_json(cfg_path)
+    if not isinstance(hf, dict):
+        raise FileFormatError(f"{cfg_path}: expected a JSON object of model settings")
+    try:
+        return from_hf(hf, **overrides)
+    except ValueError as e:
+        problem = str(e).removeprefix(CONFIG_FILE + ": ")
+        raise ValueError(
+            f"{cfg_path}: {problem}; copy the complete config.json from the model's source"
+        ) from None
+
+
 def load_qwen2(path: str | Path, **overrides: Any) -> tuple[Qwen2Config, Qwen2]:
     """Load a local Hugging Face Qwen2 checkpoint directory -> ``(cfg, model)``.
 
@@ -178,8 +194,7 @@ def load_qwen2(path: str | Path, **overrides: Any) -> tuple[Qwen2Config, Qwen2]:
         raise FileNotFoundError(
             f"{path}: no {CONFIG_FILE} (expected a Hugging Face Qwen2 checkpoint directory)"
         )
-    with open(cfg_path) as f:
-        cfg = qwen2_config_from_hf(json.load(f), **overrides)
+    cfg = _config_of(cfg_path, qwen2_config_from_hf, overrides)
     tensors = {k: v for k, v in read_safetensors_dir(path).items() if not k.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings and "lm_head.weight" in tensors:
         lm, emb = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")

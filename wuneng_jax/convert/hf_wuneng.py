@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from wuneng_jax.convert.hf_qwen2 import (
+    _config_of,
     collect_state_dict,
     fill_from_state_dict,
     hf_param_map,
@@ -160,8 +161,7 @@ def load_wuneng(path: str | Path, **overrides: Any) -> tuple[WuNengConfig, WuNen
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (expected a WuNeng checkpoint directory)")
-    with open(cfg_path) as f:
-        cfg = wuneng_config_from_hf(json.load(f), **overrides)
+    cfg = _config_of(cfg_path, wuneng_config_from_hf, overrides)
     tensors = read_safetensors_dir(path)
     pmap = wuneng_param_map(cfg)
     missing = sorted(set(pmap) - set(tensors))

@@ -148,7 +148,10 @@ def read_safetensors_dir(path: str | Path) -> dict[str, np.ndarray]:
     if single.is_file():
         return read_safetensors(single)
     found = sorted(p.name for p in path.iterdir())
-    raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found (directory holds {found})")
+    raise FileNotFoundError(
+        f"{path}: no weights: neither {SINGLE_FILE} nor {INDEX_FILE} found (the directory holds {found}); copy the "
+        "model's .safetensors files into it"
+    )
 
 
 def write_safetensors_dir(
