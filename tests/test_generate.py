@@ -4,6 +4,8 @@ orbax run directory and a Hugging Face directory (greedy output known by constru
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,6 +135,8 @@ def test_cli_generate_from_hf_dir_and_orbax_run(tmp_path, capsys):
 
     model = successor_model(258, alpha=4.0)
     hf_dir = save_qwen2(model, model.cfg, tmp_path / "hf")
+    hf_config = json.loads((hf_dir / "config.json").read_text())  # 3 + 5 tokens exceed 6 positions: a warning
+    (hf_dir / "config.json").write_text(json.dumps({**hf_config, "max_position_embeddings": 6}))
     assert (
         _cli(
             [
@@ -149,7 +153,12 @@ def test_cli_generate_from_hf_dir_and_orbax_run(tmp_path, capsys):
         )
         == 0
     )
-    assert capsys.readouterr().out == "abcdefgh\n"
+    out = capsys.readouterr()
+    assert out.out == "abcdefgh\n"
+    assert (
+        "warning: the prompt (3 tokens) + --max-new-tokens 5 goes beyond the model's max_position_embeddings=6"
+        in out.err
+    )
 
     write_run(model, tmp_path / "run", step=7)  # an orbax training run directory
     rc = _cli(
@@ -202,3 +211,17 @@ def test_load_model_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither a training run"):
         load_model(tmp_path / "empty")
+
+
+def test_prompt_warnings():
+    from train.data.tokenizer import ByteTokenizer
+    from train.generate import prompt_warnings
+
+    tok = ByteTokenizer()
+    assert prompt_warnings(["abc"], tok, 10, 16) == []
+    assert prompt_warnings(["abc"], tok, 10, None) == []  # a model without positions (rwkv7)
+    (empty,) = prompt_warnings([""], tok, 4, 16)
+    assert empty.startswith("warning: the prompt is empty") and "--prompt TEXT" in empty
+    lines = prompt_warnings(["abcd", ""], tok, 13, 16)
+    assert lines[0].startswith("warning: prompt 1 is empty")
+    assert "(4 tokens) + --max-new-tokens 13" in lines[1] and "use --max-new-tokens 12 or less" in lines[1]

@@ -29,9 +29,10 @@ def _interrupt(n: int) -> None:
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
-    """A run stopped by Ctrl-C before its third batch: ``(result, printed lines, run_dir)``."""
+    """A run stopped by Ctrl-C before its third batch: ``(result, printed lines, run_dir)``; its seq_len
+    is above the model's max_position_embeddings (64)."""
     run_dir = tmp_path_factory.mktemp("interrupted") / "run"
-    trainer, lines = stub_step_trainer(run_dir, steps=50, on_batch=_interrupt)
+    trainer, lines = stub_step_trainer(run_dir, steps=50, seq_len=128, on_batch=_interrupt)
     return trainer.run(), lines, run_dir
 
 
@@ -41,6 +42,54 @@ def test_ctrl_c_finishes_the_step_saves_and_returns(interrupted):
     assert (run_dir / "checkpoints" / "3").is_dir()
     assert any("stop requested (SIGINT): saved step 3" in line for line in lines)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
+
+
+def test_start_up_is_a_short_summary_with_warnings_then_the_compile_line(interrupted):
+    _, lines, run_dir = interrupted
+    text = "\n".join(lines)
+    head = text[: text.index("compiling the train step")].splitlines()
+    assert len(head) <= 10, head
+    assert any(
+        line.startswith("warning: seq_len=128 is above model.max_position_embeddings=64") for line in head
+    )
+    assert f"resolved config saved to {run_dir / 'config.yaml'} (--verbose prints it)" in head
+    assert "family: qwen2" in (run_dir / "config.yaml").read_text() and "family: qwen2" not in text
+    assert text.index("compiling the train step") < text.index("step 1/50")
+
+
+def test_verbose_prints_the_resolved_config(tmp_path, monkeypatch):
+    from train.trainer import Trainer
+
+    seen = []
+    monkeypatch.setattr(Trainer, "run", lambda self: seen.append(self.verbose))
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "run", str(tmp_path / "store")))
+    assert main(["train", str(cfg), "--verbose"]) == 0 and main(["train", str(cfg)]) == 0
+    assert seen == [True, False]
+
+
+def test_progress_bar_starts_after_the_first_step_compiled(tmp_path, monkeypatch):
+    import tqdm
+
+    created: list[tuple[float, int]] = []
+
+    class Recording(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            created.append((time.perf_counter(), kwargs.get("initial")))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    trainer, _ = stub_step_trainer(tmp_path / "run", steps=3, log__progress=True)
+    step, compiled = trainer.train_step, []
+
+    def slow_first_step(*args):
+        if not compiled:
+            time.sleep(0.5)  # as a compilation would
+            compiled.append(time.perf_counter())
+        return step(*args)
+
+    trainer.train_step = slow_first_step
+    trainer.run()
+    assert len(created) == 1 and created[0][0] > compiled[0] and created[0][1] == 0
 
 
 def test_a_checkpoint_without_its_data_state_says_so(interrupted, tmp_path):

@@ -276,6 +276,29 @@ def generate_text(
 # ----------------------------------------------------------------------------------------------------
 
 
+def prompt_warnings(
+    prompts: list[str], tokenizer, max_new_tokens: int, max_positions: int | None
+) -> list[str]:
+    """Warnings for requests that run but are probably not what was meant: an empty prompt, or a
+    prompt + ``max_new_tokens`` longer than the positions the model was made for."""
+    out = []
+    for i, p in enumerate(prompts):
+        if not p:
+            which = "the prompt is empty" if len(prompts) == 1 else f"prompt {i} is empty"
+            out.append(
+                f"warning: {which}: the model continues from the end-of-text token alone; pass --prompt TEXT"
+            )
+    if max_positions is not None:
+        longest = max(len(tokenizer.encode(p)) or 1 for p in prompts)
+        if longest + max_new_tokens > max_positions:
+            out.append(
+                f"warning: the prompt ({longest} tokens) + --max-new-tokens {max_new_tokens} goes beyond the "
+                f"model's max_position_embeddings={max_positions}: later tokens are at positions it was never "
+                f"made for; use --max-new-tokens {max(max_positions - longest, 0)} or less"
+            )
+    return out
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The model/tokenizer arguments shared by ``generate`` and ``eval``."""
     p.add_argument(
@@ -321,6 +344,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     loaded = load_model(args.source, dtype=args.dtype, step=args.step, seed=args.seed)
     tokenizer = load_tokenizer_for(loaded, args.tokenizer)
+    max_positions = getattr(loaded.cfg, "max_position_embeddings", None)
+    for line in prompt_warnings(prompts, tokenizer, args.max_new_tokens, max_positions):
+        print(line, file=sys.stderr)
     print(
         f"[{loaded.cfg.family} model from {args.source} ({loaded.kind}"
         + (f", step {loaded.step}" if loaded.step is not None else "")
