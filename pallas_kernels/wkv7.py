@@ -4,9 +4,11 @@ One function, several implementations with identical semantics (``ARCHITECTURE.m
 
 * ``"reference"``: sequential ``lax.scan`` (:mod:`pallas_kernels.wkv7_reference`), float32 or float64;
 * ``"chunked"``: chunked WY form in plain JAX (:mod:`pallas_kernels.wkv7_chunked`), the CPU default;
-* ``"pallas"``: the same chunked form with its sequential inter-chunk state pass as a Pallas kernel
-  (:mod:`pallas_kernels.wkv7_pallas`; Mosaic on TPU, Triton on GPU, the Pallas interpreter on CPU);
-* ``"auto"``: ``"pallas"`` on TPU and GPU backends, ``"chunked"`` elsewhere.
+* ``"pallas"``: the whole chunk in one Pallas kernel per direction (:mod:`pallas_kernels.wkv7_fused`; Mosaic on
+  TPU, Triton on GPU, the Pallas interpreter on CPU), exact for every decay;
+* ``"auto"``: ``"pallas"`` on TPU and GPU backends; on CPU ``"chunked"`` (its gradient is the fastest there)
+  except for a forward-only call (no gradient traced), which takes whichever of ``"chunked"`` and
+  ``"reference"`` is faster for its length (:func:`cpu_forward_impl`).
 
 Under a mesh (``jax.set_mesh``), ``impl="pallas"`` runs inside ``jax.shard_map``: XLA cannot partition a Mosaic
 kernel (``"wrap the call in a shard_map"``), and the recurrence is independent per batch element and head, so
@@ -29,7 +31,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.wkv7_chunked import wkv7_chunked
-from pallas_kernels.wkv7_pallas import DEFAULT_PALLAS_CHUNK, wkv7_pallas
+from pallas_kernels.wkv7_fused import DEFAULT_CHUNK, wkv7_fused
 from pallas_kernels.wkv7_reference import wkv7_reference
 
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
@@ -37,8 +39,8 @@ MeshAxes = str | tuple[str, ...] | None
 #: ``resolver(mesh) -> (batch_axes, head_axes)`` or None (use the default); see :func:`set_partition_resolver`.
 PartitionResolver = Callable[[jax.sharding.AbstractMesh], tuple[MeshAxes, MeshAxes] | None]
 _partition_resolver: PartitionResolver | None = None
+#: every implementation name, shared by the op and the model families' ``wkv_impl``
 IMPLS = ("auto", "reference", "chunked", "pallas")
-DEFAULT_CHUNK_SIZE = {"chunked": 16, "pallas": DEFAULT_PALLAS_CHUNK}
 
 
 def _is_concrete(x: jax.Array) -> bool:
@@ -135,9 +137,39 @@ def _spec_axes(axes: tuple[str, ...]) -> MeshAxes:
 
 
 def _resolve_impl(impl: str) -> str:
-    if impl != "auto":
-        return impl
-    return "pallas" if jax.default_backend() in ("tpu", "gpu") else "chunked"
+    """``"auto"`` -> ``"pallas"`` on TPU / GPU; on other backends it stays ``"auto"`` (:func:`_cpu_auto`)."""
+    if impl == "auto" and jax.default_backend() in ("tpu", "gpu"):
+        return "pallas"
+    return impl
+
+
+def _default_chunk(impl: str) -> int:
+    if impl == "pallas":
+        return DEFAULT_CHUNK["gpu" if jax.default_backend() == "gpu" else "tpu"]
+    return 16
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _cpu_auto(r, log_w, k, v, a, b, initial_state, reset, chunk_size):
+    """``impl="auto"`` off TPU/GPU: the sequential scan when no gradient is taken (a forward-only call: eval,
+    prefill; on CPU the scan's forward is 2-5x faster than the chunked one), the chunked form's forward and
+    backward when one is (10x faster than differentiating the scan). ``jax.custom_vjp`` makes the choice
+    wherever the differentiation happens (under ``jit``, ``remat`` or ``grad``); both are exact."""
+    return wkv7_reference(r, log_w, k, v, a, b, initial_state, reset > 0)
+
+
+def _cpu_auto_fwd(r, log_w, k, v, a, b, initial_state, reset, chunk_size):
+    chunked = lambda *xs: wkv7_chunked(*xs, reset > 0, chunk_size=chunk_size)
+    out, vjp = jax.vjp(chunked, r, log_w, k, v, a, b, initial_state)
+    return out, (vjp, reset)
+
+
+def _cpu_auto_bwd(chunk_size, res, cotangents):
+    vjp, reset = res
+    return (*vjp(cotangents), jnp.zeros_like(reset))
+
+
+_cpu_auto.defvjp(_cpu_auto_fwd, _cpu_auto_bwd)
 
 
 def wkv7(
@@ -165,8 +197,8 @@ def wkv7(
       reset: optional bool ``[B,T]``: True at the first token of a new document in a packed row; the state
         entering that token is zero, so a packed row gives exactly the outputs of each document run alone.
       impl: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"pallas"``.
-      chunk_size: chunk length for the chunked implementations (default 16 for ``"chunked"``, 64 for
-        ``"pallas"``, which needs a power of two >= 16).
+      chunk_size: chunk length of the chunked implementations, a power of two (default 16 for
+        ``"chunked"``; for ``"pallas"`` (>= 16) 64 on TPU and 16 on GPU).
 
     Returns:
       ``o`` ``[B,T,H,N]`` in r's dtype, and the final state ``[B,H,N,N]`` in float32 (float64 when the
@@ -174,7 +206,7 @@ def wkv7(
     """
     _validate(r, log_w, k, v, a, b, initial_state, reset, impl, chunk_size)
     impl = _resolve_impl(impl)
-    chunk = chunk_size or DEFAULT_CHUNK_SIZE.get(impl, 16)
+    chunk = chunk_size or _default_chunk(impl)
     call = functools.partial(_wkv7_jit, impl=impl, chunk_size=chunk)
     mesh = jax.sharding.get_abstract_mesh()
     if impl == "pallas" and not mesh.empty:
@@ -215,15 +247,18 @@ def _wkv7_jit(r, log_w, k, v, a, b, initial_state, reset, *, impl: str, chunk_si
     """One compiled program per shape (inlined when called under an outer ``jit``)."""
     out_dtype = r.dtype
     compute = jnp.promote_types(jnp.result_type(r, log_w, k, v, a, b), jnp.float32)
-    r, log_w, k, v, a, b = (x.astype(compute) for x in (r, log_w, k, v, a, b))
-    bsz, _, heads, n = r.shape
+    bsz, seq_len, heads, n = r.shape
     if initial_state is None:
         initial_state = jnp.zeros((bsz, heads, n, n), compute)
     initial_state = _vary_like_inputs(initial_state.astype(compute), r, log_w, k, v, a, b)
-    if impl == "reference":
+    if impl == "pallas":  # the kernel reads and writes the inputs' own dtype (bf16 stays bf16 in HBM)
+        return wkv7_fused(r, log_w, k, v, a, b, initial_state, reset, chunk_size)
+    r, log_w, k, v, a, b = (x.astype(compute) for x in (r, log_w, k, v, a, b))
+    if impl == "auto":
+        reset = jnp.zeros((bsz, seq_len), compute) if reset is None else reset.astype(compute)
+        o, state = _cpu_auto(r, log_w, k, v, a, b, initial_state, reset, chunk_size)
+    elif impl == "reference":
         o, state = wkv7_reference(r, log_w, k, v, a, b, initial_state, reset)
-    elif impl == "pallas":
-        o, state = wkv7_pallas(r, log_w, k, v, a, b, initial_state, reset, chunk_size=chunk_size)
     else:
         o, state = wkv7_chunked(r, log_w, k, v, a, b, initial_state, reset, chunk_size=chunk_size)
     return o.astype(out_dtype), state
