@@ -398,3 +398,26 @@ def test_train_and_eval_refuse_a_store_with_ids_beyond_the_vocabulary(tmp_path, 
     model = SimpleNamespace(cfg=SimpleNamespace(vocab_size=320))  # refused before the model is used
     with pytest.raises(StoreError, match="holds token id 299"):
         perplexity(model, str(tmp_path / "s"), seq_len=32, batch_size=8, progress=False)
+
+
+def test_prepare_refuses_binary_and_mostly_invalid_utf8_unless_accepted(tmp_path, capsys):
+    from train.cli import main as wuneng
+
+    (tmp_path / "bin.dat").write_bytes(bytes(range(256)) * 4)  # NUL bytes: binary
+    (tmp_path / "latin1.txt").write_bytes("café crème brûlée ".encode("latin-1") * 20)  # 4 bad bytes in 18
+    (tmp_path / "mostly_ok.txt").write_bytes(b"plain text " * 100 + b"\xff")  # 1 bad byte in 1101
+    for name, what in (("bin.dat", "holds NUL bytes"), ("latin1.txt", "80 byte sequences of its 360 bytes")):
+        out = tmp_path / ("s-" + name)
+        assert wuneng(["prepare-data", str(tmp_path / name), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(
+            f"wuneng prepare-data: error: {tmp_path / name}: not UTF-8"
+        )
+        assert what in err and "--accept-invalid-utf8" in err
+    out = tmp_path / "accepted"
+    argv = ["prepare-data", str(tmp_path / "latin1.txt"), str(tmp_path / "mostly_ok.txt"), "--out", str(out)]
+    assert wuneng([*argv, "--no-progress", "--accept-invalid-utf8"]) == 0
+    assert "warning: 81 undecodable UTF-8 byte sequences were replaced by U+FFFD" in capsys.readouterr().out
+    assert TokenStore(out).manifest["invalid_utf8_replaced"] == 81
+    below = tmp_path / "below"  # under the 1 % limit: kept, and counted
+    assert prepare([tmp_path / "mostly_ok.txt"], below, progress=False)["invalid_utf8_replaced"] == 1

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from train.data import corpus, store
-from train.data.sources import InputUnit, expand_inputs, read_documents
+from train.data.sources import InputUnit, Utf8Check, expand_inputs, read_documents
 from train.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 _DESCRIPTION = (
@@ -45,14 +45,16 @@ _PARALLEL_MIN_BYTES = 64 << 20  # workers=None uses one process below this much 
 _WORKER: dict = {}
 
 
-def _init_worker(tok_desc: dict, tok_json: bytes | None, text_field: str, dtype: str) -> None:
+def _init_worker(
+    tok_desc: dict, tok_json: bytes | None, text_field: str, dtype: str, accept_invalid_utf8: bool = False
+) -> None:
     if tok_desc["kind"] == "byte":
         tok: Tokenizer = ByteTokenizer()
     else:
         tok = HFTokenizer.from_json_bytes(
             tok_json, name=tok_desc["path"], eos_token=tok_desc["eos_token"], pad_token=tok_desc["pad_token"]
         )
-    _WORKER.update(tok=tok, text_field=text_field, dtype=np.dtype(dtype))
+    _WORKER.update(tok=tok, text_field=text_field, dtype=np.dtype(dtype), accept=accept_invalid_utf8)
 
 
 def _encode_docs(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
@@ -61,8 +63,9 @@ def _encode_docs(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.n
     return [np.asarray(ids, dtype) for ids in tok.encode_batch(texts)]
 
 
-def tokenize_unit(unit: InputUnit) -> tuple[np.ndarray, np.ndarray, int]:
-    """(tokens of all non-empty documents, each followed by EOS; their lengths; number of empty ones)."""
+def tokenize_unit(unit: InputUnit) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(tokens of all non-empty documents, each followed by EOS; their lengths; number of empty ones;
+    number of undecodable UTF-8 sequences replaced)."""
     tok, dtype = _WORKER["tok"], _WORKER["dtype"]
     eos = np.asarray([tok.eos_id], dtype)
     parts: list[np.ndarray] = []
@@ -80,13 +83,14 @@ def tokenize_unit(unit: InputUnit) -> tuple[np.ndarray, np.ndarray, int]:
             lengths.append(len(ids) + 1)
         batch.clear()
 
-    for text in read_documents(unit, text_field=_WORKER["text_field"]):
+    check = Utf8Check(unit.path, accept=_WORKER["accept"])
+    for text in read_documents(unit, text_field=_WORKER["text_field"], check=check):
         batch.append(text)
         if len(batch) >= _ENCODE_BATCH:
             flush()
     flush()
     tokens = np.concatenate(parts) if parts else np.zeros((0,), dtype)
-    return tokens, np.asarray(lengths, np.int64), empty
+    return tokens, np.asarray(lengths, np.int64), empty, check.replaced
 
 
 # ------------------------------------------------------------------------------------- main side
@@ -149,6 +153,7 @@ def prepare(
     max_inputs: int | None = None,
     commit_every_s: float = 10.0,
     progress: bool = True,
+    accept_invalid_utf8: bool = False,
 ) -> dict:
     """Tokenises ``inputs`` into the token store at ``out_dir`` (local path or kvstore URL); returns its manifest.
 
@@ -166,6 +171,8 @@ def prepare(
       max_inputs: stop (store left incomplete, resumable) after this many more inputs.
       commit_every_s: seconds between manifest commits (resume granularity); 0 = after every input.
       progress: show a tqdm bar (bytes of input, rate and ETA).
+      accept_invalid_utf8: keep binary / mostly non-UTF-8 files (undecodable bytes become U+FFFD)
+        instead of refusing them (``train.data.sources``); the manifest counts the replacements.
 
     A complete store with the same arguments is returned unchanged; an incomplete one is resumed.
     """
@@ -233,6 +240,7 @@ def prepare(
     done = int(manifest["inputs_done"])
     docs_seen = int(manifest["docs_seen"])
     empty = int(manifest["empty_docs_skipped"])
+    replaced = int(manifest.get("invalid_utf8_replaced", 0))
     todo = units[done:] if max_inputs is None else units[done : done + max_inputs]
     if workers is None:  # process start-up costs more than it saves on small inputs
         small = sum(u.size for u in todo) < _PARALLEL_MIN_BYTES
@@ -242,6 +250,7 @@ def prepare(
         tok.json_bytes if isinstance(tok, HFTokenizer) else None,
         text_field,
         manifest["dtype"],
+        accept_invalid_utf8,
     )
 
     bar = tqdm(
@@ -257,21 +266,34 @@ def prepare(
     last_commit = time.monotonic()
     n_tok = sum(int(c["n_tokens"]) for c in writer.counts.values())
     try:
-        for unit, (tokens, lengths, n_empty) in zip(todo, _results(todo, workers, initargs), strict=True):
+        for unit, (tokens, lengths, n_empty, n_replaced) in zip(
+            todo, _results(todo, workers, initargs), strict=True
+        ):
             is_eval = eval_mask(docs_seen, len(lengths), eval_fraction)
             tok_eval = np.repeat(is_eval, lengths)
             writer.append("train", tokens[~tok_eval], lengths[~is_eval])
             writer.append("eval", tokens[tok_eval], lengths[is_eval])
             docs_seen += len(lengths)
             empty += n_empty
+            replaced += n_replaced
             done += 1
             bar.update(unit.size)
             n_tok += len(tokens)
             bar.set_postfix(docs=docs_seen, tokens=n_tok, refresh=False)
             if time.monotonic() - last_commit >= commit_every_s:
-                writer.commit(inputs_done=done, docs_seen=docs_seen, empty_docs_skipped=empty)
+                writer.commit(
+                    inputs_done=done,
+                    docs_seen=docs_seen,
+                    empty_docs_skipped=empty,
+                    invalid_utf8_replaced=replaced,
+                )
                 last_commit = time.monotonic()
-        fields = {"inputs_done": done, "docs_seen": docs_seen, "empty_docs_skipped": empty}
+        fields = {
+            "inputs_done": done,
+            "docs_seen": docs_seen,
+            "empty_docs_skipped": empty,
+            "invalid_utf8_replaced": replaced,
+        }
         if done < len(units):
             return writer.commit(**fields)
         return writer.finalize(**fields)
@@ -292,6 +314,11 @@ def summary(path: str, manifest: dict) -> str:
         f"eos {manifest['eos_id']}, {manifest['dtype']}); train {s['train']['n_docs']} docs / "
         f"{s['train']['n_tokens']} tokens; eval {s['eval']['n_docs']} docs / {s['eval']['n_tokens']} tokens"
         + (f"; content hash {manifest['content_hash'][:16]}" if manifest.get("content_hash") else "")
+        + (
+            f"\nwarning: {manifest['invalid_utf8_replaced']} undecodable UTF-8 byte sequences were replaced by U+FFFD"
+            if manifest.get("invalid_utf8_replaced")
+            else ""
+        )
     )
 
 
@@ -321,6 +348,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--stdlib-max-bytes", type=int, default=corpus.DEFAULT_MAX_BYTES)
     p.add_argument("--max-inputs", type=int, default=None, help="stop after this many inputs (resumable)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing store at --out first")
+    p.add_argument(
+        "--accept-invalid-utf8",
+        action="store_true",
+        help="keep binary or mostly non-UTF-8 files (undecodable bytes become U+FFFD) instead of refusing them",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -341,6 +373,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         max_inputs=args.max_inputs,
         progress=not args.no_progress,
+        accept_invalid_utf8=args.accept_invalid_utf8,
     )
     print(summary(args.out, manifest))
     return 0

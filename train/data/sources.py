@@ -9,7 +9,10 @@ An input is expanded into *units* (one file each; the unit of parallel work and 
 - a file: ``.jsonl`` / ``.jsonl.gz`` is a jsonl unit (one document per non-blank line, the string in
   its ``text`` field), anything else a text unit (the whole file is one document, ``.gz`` decompressed).
 
-Text is read as UTF-8; undecodable bytes become U+FFFD.
+Text is read as UTF-8. A file that is not text (NUL bytes: binary) or whose undecodable byte sequences
+exceed :data:`INVALID_UTF8_LIMIT` of its bytes is refused, naming the file and the count, unless
+``accept_invalid_utf8`` (CLI ``--accept-invalid-utf8``); accepted undecodable sequences become U+FFFD
+and are counted (``prepare`` reports the total).
 """
 
 from __future__ import annotations
@@ -88,22 +91,67 @@ def expand_inputs(
     return units
 
 
-def _open_text(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+INVALID_UTF8_LIMIT = 0.01  # refuse a file when more than this fraction of its bytes does not decode
+_REPLACEMENT = "\ufffd"
 
 
-def read_documents(unit: InputUnit, *, text_field: str = "text") -> Iterator[str]:
-    """The documents of one unit, in file order."""
+class Utf8Check:
+    """Decodes one file's bytes as UTF-8 (U+FFFD for undecodable sequences) and counts the replacements;
+    :meth:`finish` refuses a binary or mostly undecodable file unless ``accept``."""
+
+    def __init__(self, path: str, accept: bool):
+        self.path = path
+        self.accept = accept
+        self.replaced = 0
+        self.size = 0
+        self.binary = False
+
+    def decode(self, raw: bytes) -> str:
+        text = raw.decode("utf-8", errors="replace")
+        self.replaced += text.count(_REPLACEMENT) - raw.count(_REPLACEMENT.encode())
+        self.size += len(raw)
+        self.binary = self.binary or b"\x00" in raw
+        return text
+
+    def finish(self) -> int:
+        """The number of replaced sequences (raises when the file is refused)."""
+        if self.accept or not (self.binary or self.replaced > INVALID_UTF8_LIMIT * self.size):
+            return self.replaced
+        what = (
+            "it holds NUL bytes (a binary file?)"
+            if self.binary
+            else f"{self.replaced} byte sequences of its {self.size} bytes are not valid UTF-8"
+        )
+        raise ValueError(
+            f"{self.path}: not UTF-8 text: {what}; remove it from the inputs or convert it to UTF-8, or pass "
+            "--accept-invalid-utf8 to keep it with U+FFFD in place of the undecodable bytes"
+        )
+
+
+def _open_bytes(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def read_documents(
+    unit: InputUnit, *, text_field: str = "text", check: Utf8Check | None = None
+) -> Iterator[str]:
+    """The documents of one unit, in file order. ``check`` (default: refuse invalid UTF-8) decodes and
+    counts; it is finished (and may raise) after the last document."""
+    check = check or Utf8Check(unit.path, accept=False)
+    yield from _documents(unit, text_field, check)
+    check.finish()
+
+
+def _documents(unit: InputUnit, text_field: str, check: Utf8Check) -> Iterator[str]:
     if unit.kind == "text":
-        with _open_text(unit.path) as f:
-            yield f.read()
+        with _open_bytes(unit.path) as f:  # newlines as text mode reads them: \r\n and \r become \n
+            yield check.decode(f.read()).replace("\r\n", "\n").replace("\r", "\n")
         return
     if unit.kind != "jsonl":
         raise ValueError(f"unknown input kind {unit.kind!r} for {unit.path!r}")
-    with _open_text(unit.path) as f:
-        for lineno, line in enumerate(f, 1):
+    with _open_bytes(unit.path) as f:
+        for lineno, raw in enumerate(f, 1):
+            line = check.decode(raw)
             if not line.strip():
                 continue
             try:
