@@ -159,17 +159,18 @@ def test_wuneng_train_step_runs_the_pallas_kernels(topology):
     assert report.status == "fits", report.error
     layers = kernels.TINY_WUNENG["num_layers"]
     assert kernels.mosaic_calls(compiled.as_text()) == {
-        "wkv7_state_pass_fwd": layers,
-        "wkv7_state_pass_bwd": layers,
+        "wkv7_fused_fwd": layers,
+        "wkv7_fused_bwd": layers,
     }
 
 
 @pytest.mark.parametrize("topology", kernels.GENERATIONS)
 def test_wkv7_kernels_forward_and_backward_compile(topology):
-    """Both Mosaic state-pass kernels, batch and heads sharded over 2 x 2 chips, for v5e, v5p and v6e."""
-    result = kernels.compile_state_pass(topology)
+    """The fused forward and backward Mosaic kernels (wkv7 forward + backward with resets and an initial state),
+    batch and heads sharded over 2 x 2 chips, compiled by the TPU compiler for v5e, v5p and v6e."""
+    result = kernels.compile_op(topology)
     assert result.ok, result.error
-    assert result.mosaic_calls == {"wkv7_state_pass_fwd": 1, "wkv7_state_pass_bwd": 1}
+    assert result.mosaic_calls == {"wkv7_fused_fwd": 1, "wkv7_fused_bwd": 1}
 
 
 # ------------------------------------------------------------------------------------------------ the command

@@ -1,12 +1,10 @@
 """The ``wkv7`` Pallas TPU kernels compiled (not only lowered) by the real TPU compiler for each generation.
 
-Three checks per chip generation (v5e, v5p, v6e), each on a 4-chip slice with batch and heads sharded:
+Two checks per chip generation (v5e, v5p, v6e), each on a 4-chip slice with batch and heads sharded:
 
-* ``kernel``: the stage-B state pass alone (``wkv7_state_pass_fwd`` + its backward kernel
-  ``wkv7_state_pass_bwd``) inside ``jax.shard_map``;
 * ``op``: ``pallas_kernels.wkv7(..., impl="pallas")`` forward + backward (``jax.value_and_grad`` over all
-  inputs and the initial state) under ``jax.set_mesh``: the chunked stages in XLA and the two Mosaic
-  state-pass kernels (``wkv7_state_pass_fwd`` / ``_bwd``) inside the ``shard_map`` that ``wkv7`` adds;
+  inputs and the initial state) under ``jax.set_mesh``: the fused Mosaic kernels (``wkv7_fused_fwd`` /
+  ``wkv7_fused_bwd``) inside the ``shard_map`` that ``wkv7`` adds;
 * ``train``: a whole sharded train step of a one-layer WuNeng model (``wuneng compile``'s path).
 
 ``python -m train.aot.kernels [--train] [--json FILE]`` prints one line per chip and check (compile time and
@@ -32,14 +30,14 @@ from jax.sharding import PartitionSpec as P
 
 from train.aot.topology import parse_topology, topology_devices
 
-KERNEL_NAMES = ("wkv7_state_pass_fwd", "wkv7_state_pass_bwd")
+KERNEL_NAMES = ("wkv7_fused_fwd", "wkv7_fused_bwd")
 GENERATIONS = ("v5e:2x2", "v5p:2x2x1", "v6e:2x2")
 
 
 @dataclasses.dataclass
 class KernelCompile:
     topology: str
-    check: str  # "kernel" | "op" | "train"
+    check: str  # "op" | "train"
     ok: bool
     compile_s: float
     mosaic_calls: dict[str, int]  # kernel name -> custom calls in the compiled program
@@ -86,45 +84,6 @@ def lower_wkv7_grad(
     fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7))))
     with jax.set_mesh(mesh):
         return fn.trace(*args).lower()
-
-
-def lower_state_pass_grad(mesh: Mesh, shape: tuple[int, int, int, int, int] = (2, 2, 4, 16, 16)):
-    """Lower forward + backward of the stage-B state pass alone (the two Mosaic kernels, selected for the
-    lowering platform by ``lax.platform_dependent``) inside ``jax.shard_map``, batch over ``data`` and heads
-    over ``tensor``. ``shape`` = global ``(B, H, NC, L, N)``."""
-    from pallas_kernels.wkv7_state_pass import StatePassConfig, state_pass
-
-    bsz, heads, nc, chunk, n = shape
-    spec = P("data", "tensor")
-
-    def arg(*dims):
-        return jax.ShapeDtypeStruct(dims, jnp.float32, sharding=NamedSharding(mesh, spec))
-
-    args = (
-        arg(bsz, heads, nc, chunk, n),  # W
-        arg(bsz, heads, nc, chunk, n),  # U
-        arg(bsz, heads, nc, n),  # g
-        arg(bsz, heads, nc, chunk, n),  # B̄
-        arg(bsz, heads, nc, n, n),  # X
-        arg(bsz, heads, n, n),  # S0
-    )
-
-    def local_loss(*xs):
-        s_in, sa, s_out = state_pass(*xs, StatePassConfig())
-        return jax.lax.psum(jnp.sum(s_in) + jnp.sum(sa**2) + jnp.sum(s_out), ("data", "tensor"))
-
-    loss = jax.shard_map(local_loss, mesh=mesh, in_specs=(spec,) * 6, out_specs=P())
-    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)))).trace(*args).lower()
-
-
-def compile_state_pass(topology: str) -> KernelCompile:
-    t0 = time.perf_counter()
-    try:
-        compiled = lower_state_pass_grad(op_mesh(topology)).compile()
-    except Exception as e:
-        return KernelCompile(topology, "kernel", False, time.perf_counter() - t0, {}, str(e)[:2000])
-    calls = mosaic_calls(compiled.as_text())
-    return KernelCompile(topology, "kernel", all(calls.values()), time.perf_counter() - t0, calls)
 
 
 def compile_op(topology: str) -> KernelCompile:
@@ -188,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     platform_defaults()
     results = []
     for topo in args.topologies:
-        checks = [compile_state_pass, compile_op] + ([compile_train_step] if args.train else [])
+        checks = [compile_op] + ([compile_train_step] if args.train else [])
         for check in checks:
             r = check(topo)
             results.append(r)
