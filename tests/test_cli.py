@@ -124,3 +124,31 @@ def test_multiple_choice_lines_without_choices_are_named(tmp_path):
         ValueError, match=r'mc.jsonl:2: "choices" must list at least 2 strings, got \[\]; each line'
     ):
         load_mc_jsonl(path, ByteTokenizer())
+
+
+def test_plain_commands_on_a_cpu_host_do_not_probe_libtpu(tmp_path):
+    """With libtpu installed (the tpu-aot extra) and JAX_PLATFORMS unset, a command that starts the JAX
+    backend prints its one error line and nothing from a TPU probe."""
+    import subprocess
+
+    from train_support import PYTHON, subprocess_env
+
+    env = {k: v for k, v in subprocess_env(1).items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "run", str(tmp_path / "store")))
+    proc = subprocess.run(
+        [PYTHON, "-m", "train.cli", "train", str(cfg), "mesh.data=3"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("wuneng train: error: mesh") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_an_explicit_platform_is_kept(monkeypatch):
+    from train.platform import pin_cpu_without_accelerator
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert pin_cpu_without_accelerator() is False

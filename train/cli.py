@@ -156,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command != "compile":  # compile sets up libtpu as its compiler itself
+        from train.platform import pin_cpu_without_accelerator
+
+        pin_cpu_without_accelerator()  # before any JAX backend starts: no libtpu probe on a CPU host
     from train.checkpoint import CheckpointError
     from train.run_lock import RunLockError
     from train.signals import ABORT_EXIT_CODE

@@ -613,31 +613,18 @@ def run(args: argparse.Namespace) -> int:
 
 def platform_defaults() -> None:
     """Before any JAX backend starts: with no TPU attached and no accelerator visible, pin JAX to the CPU
-    (``JAX_PLATFORMS=cpu``) so that an installed ``libtpu`` is not probed as a backend (that probe loads
-    700 MB, prints libtpu start-up errors and takes the machine-wide libtpu lock); set ``libtpu``'s
-    compile-only environment (:func:`train.aot.topology.prepare_libtpu_env`). Changes nothing on TPU or
-    GPU hosts or when ``JAX_PLATFORMS`` is set."""
-    import os
-
+    (``JAX_PLATFORMS=cpu``, :func:`train.platform.pin_cpu_without_accelerator`) so that an installed
+    ``libtpu`` is not probed as a backend (that probe loads 700 MB, prints libtpu start-up errors and
+    takes the machine-wide libtpu lock); set ``libtpu``'s compile-only environment
+    (:func:`train.aot.topology.prepare_libtpu_env`). Changes nothing on TPU or GPU hosts or when
+    ``JAX_PLATFORMS`` is set."""
     from train.aot.topology import prepare_libtpu_env, tpu_attached
+    from train.platform import pin_cpu_without_accelerator
 
     if tpu_attached():
         return
     prepare_libtpu_env()
-    if os.environ.get("JAX_PLATFORMS") is None and not _gpu_visible():
-        os.environ["JAX_PLATFORMS"] = "cpu"
-        jax.config.update("jax_platforms", "cpu")
-
-
-def _gpu_visible() -> bool:
-    try:
-        from jax._src import hardware_utils
-
-        if hardware_utils.has_visible_nvidia_gpu():
-            return True
-        return bool(getattr(hardware_utils, "num_available_amd_gpus", lambda **_: 0)(stop_at=1))
-    except Exception:
-        return True
+    pin_cpu_without_accelerator()
 
 
 __all__ = [
