@@ -9,7 +9,7 @@ weights) on one mesh over all local devices (data-parallel), on random tokens, i
 FLOPs per token follow ``train.metrics.flops_per_token`` (``docs/mfu.md``): 6·N_matmul + causal
 attention + the RWKV-7 state term. Prints a table with ratios to ``qwen2`` (WuNeng's step-time
 overhead) and writes ``benchmarks/results/train_step_<platform>.json``.
-Goal (issue 9, H100): MFU >= 40 % for the ~1B qwen2, WuNeng within 15 % of its step time.
+Goal (H100): MFU >= 40 % for the ~1B qwen2, WuNeng within 15 % of its step time.
 """
 
 from __future__ import annotations

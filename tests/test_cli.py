@@ -152,3 +152,23 @@ def test_an_explicit_platform_is_kept(monkeypatch):
 
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     assert pin_cpu_without_accelerator() is False
+
+
+def test_help_texts_name_no_issue_numbers():
+    """Help is for users: no tracker references (`issue 9`, `#12`) in any subcommand's or script's help."""
+    import ast
+    import re
+
+    from train.cli import build_parser
+
+    pattern = re.compile(r"\bissue\s*#?\d|#\d+\b", re.IGNORECASE)
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    texts = {f"wuneng {name}": p.format_help() for name, p in subparsers.items()}
+    texts["wuneng"] = parser.format_help()
+    for script in sorted((REPO / "benchmarks").glob("*.py")):
+        if not script.name.startswith("wkv7"):  # the kernel benchmarks belong to the kernel work
+            texts[str(script)] = ast.get_docstring(ast.parse(script.read_text())) or ""
+    for module in ("wuneng_jax/params_report.py", "train/lm_eval_adapter.py"):
+        texts[module] = ast.get_docstring(ast.parse((REPO / module).read_text())) or ""
+    assert {k: pattern.findall(v) for k, v in texts.items() if pattern.search(v)} == {}

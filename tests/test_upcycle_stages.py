@@ -425,6 +425,12 @@ def test_export_reloads_exactly(pipeline):
     assert structural(cfg) == structural(run_model.cfg)
     got = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert set(got) == set(final) and all(got[p].tobytes() == final[p].tobytes() for p in final)
+    # the export carries its tokenizer (byte-level here): `wuneng generate EXPORT` needs no --tokenizer
+    from train.data.tokenizer import ByteTokenizer
+    from train.generate import load_model, load_tokenizer_for
+
+    loaded = load_model(export)
+    assert loaded.tokenizer_spec == "byte" and isinstance(load_tokenizer_for(loaded), ByteTokenizer)
 
 
 def test_pipeline_skips_complete_stages_and_resumes_a_partial_one(pipeline, tmp_path):

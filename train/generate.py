@@ -158,9 +158,10 @@ def load_model(
                 raise ValueError(f"{path / 'config.json'}: expected a JSON object of model settings")
             is_wuneng = hf_config.get("model_type") == MODEL_TYPE
             load, kind = (load_wuneng, "hf_wuneng") if is_wuneng else (load_qwen2, "hf_qwen2")
+            from train.data.tokenizer import tokenizer_of_dir
+
             cfg, model = load(path, **({"dtype": dtype} if dtype else {}))
-            tok = path / "tokenizer.json"
-            return LoadedModel(cfg, model, kind, str(tok) if tok.is_file() else None)
+            return LoadedModel(cfg, model, kind, tokenizer_of_dir(path))
         raise ValueError(
             f"{path} is neither a training run (no checkpoints/<step>/state) nor a Hugging Face checkpoint "
             "(no config.json)"

@@ -7,7 +7,7 @@ Every count comes from shapes only (``nnx.eval_shape`` / ``jax.eval_shape``; not
 * ``added = total - base`` and ``added / base`` in percent; the per-parameter breakdown comes from the
   abstract values of ``init_hybrid_params`` (one hybrid layer) times the number of hybrid layers.
 
-The goal of the model-library issue: additions under 5 % at the Qwen2.5-1.5B and 7B shapes with the
+The goal: additions under 5 % at the Qwen2.5-1.5B and 7B shapes with the
 default settings. ``docs/params.md`` holds the table this command prints.
 """
 

@@ -15,8 +15,10 @@ table (e.g. to a multiple of 64) is the model config's business.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 BYTE_EOS_ID = 256
@@ -205,3 +207,29 @@ def load_tokenizer(spec: str | os.PathLike | Tokenizer, *, eos_token: str | None
             )
         return ByteTokenizer()
     return HFTokenizer(spec, eos_token=eos_token)
+
+
+#: Beside a model directory without ``tokenizer.json``: which built-in tokenizer it was trained with.
+SPEC_FILE = "wuneng_tokenizer.json"
+
+
+def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike) -> None:
+    """Keep ``tok`` with a model directory: ``tokenizer.json`` (unless one is there) or :data:`SPEC_FILE`."""
+    directory = Path(directory)
+    if isinstance(tok, HFTokenizer):
+        if not (directory / "tokenizer.json").is_file():
+            (directory / "tokenizer.json").write_bytes(tok.json_bytes)
+        return
+    (directory / SPEC_FILE).write_text(json.dumps({"kind": tok.describe()["kind"]}) + "\n")
+
+
+def tokenizer_of_dir(directory: str | os.PathLike) -> str | None:
+    """The tokenizer spec kept with a model directory (a ``tokenizer.json`` path or ``"byte"``), or None."""
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        return str(directory / "tokenizer.json")
+    if (directory / SPEC_FILE).is_file():
+        from wuneng_jax.files import read_json
+
+        return str(read_json(directory / SPEC_FILE).get("kind"))
+    return None

@@ -266,7 +266,10 @@ def _run_stages(
         status[name] = "ran"
         previous = (name, run_dir)
     last = Path(pipe.stages[-1][1].run_dir)
-    export = export_if_stale(last, pipe.export, dtype=pipe.export_dtype, base=pipe.base, echo=echo)
+    tokenizer = pipe.stages[-1][1].data.tokenizer
+    export = export_if_stale(
+        last, pipe.export, dtype=pipe.export_dtype, base=pipe.base, tokenizer=tokenizer, echo=echo
+    )
     return {"stages": status, "export": export}
 
 
@@ -279,11 +282,17 @@ def _plain(value: Any) -> Any:
 
 
 def export_run(
-    run_dir: str | Path, out: str | Path, *, dtype: str | None = None, base: Any = None
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    base: Any = None,
+    tokenizer: str | None = None,
 ) -> tuple[Path | None, int]:
     """Write the newest checkpoint of the WuNeng run ``run_dir`` as a WuNeng directory (``config.json`` +
     safetensors; ``docs/wuneng_format.md``), with the tokenizer files of ``base`` when it is a Hugging Face
-    directory. Returns ``(out, step)`` (``out`` is None on processes other than the first, which writes)."""
+    directory, else the run's ``tokenizer`` (``data.tokenizer``: ``wuneng generate OUT`` then needs no
+    ``--tokenizer``). Returns ``(out, step)`` (``out`` is None on processes other than the first, which writes)."""
     import jax
     import numpy as np
     from jax.sharding import AxisType, Mesh
@@ -308,22 +317,32 @@ def export_run(
         for name in TOKENIZER_FILES:
             if (Path(base) / name).is_file():
                 shutil.copy2(Path(base) / name, out / name)
+    if tokenizer is not None:
+        from train.data.tokenizer import load_tokenizer, save_tokenizer
+
+        save_tokenizer(load_tokenizer(tokenizer), out)
     return out, int(src.step)
 
 
 def export_if_stale(
-    run_dir: Path, out: Path, *, dtype: str | None, base: Any, echo: Callable[[str], None] = print
+    run_dir: Path,
+    out: Path,
+    *,
+    dtype: str | None,
+    base: Any,
+    tokenizer: str | None = None,
+    echo: Callable[[str], None] = print,
 ) -> Path:
     """:func:`export_run` unless ``out`` already holds the export of the run's newest step."""
     from train.upcycle.sources import latest_step
 
     step = latest_step(run_dir)
     rec_path = out / EXPORT_RECORD
-    want = {"source": str(Path(run_dir).absolute()), "step": step, "dtype": dtype}
+    want = {"source": str(Path(run_dir).absolute()), "step": step, "dtype": dtype, "tokenizer": tokenizer}
     if rec_path.is_file() and json.loads(rec_path.read_text()) == want:
         echo(f"== export {out}: up to date (step {step} of {run_dir})")
         return out
-    out, step = export_run(run_dir, out, dtype=dtype, base=base)
+    out, step = export_run(run_dir, out, dtype=dtype, base=base, tokenizer=tokenizer)
     if out is not None:  # the primary process writes
         rec_path.write_text(json.dumps(want, indent=1))
     echo(
