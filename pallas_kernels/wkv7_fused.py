@@ -87,39 +87,46 @@ def _cost(bsz, seq_len, heads, n, chunk, arrays, backward: bool) -> pl.CostEstim
 # ------------------------------------------------------------------------------------------- TPU (Mosaic)
 
 
-def _head_rows(scr, j) -> jax.Array:
-    """Head ``j`` (traced) of a float32 ``[L, G, N]`` VMEM buffer -> ``[L, N]`` (sublane-strided load)."""
-    return scr[:, pl.ds(j, 1), :][:, 0, :]
+def _to_head_major(refs, bufs, n: int) -> None:
+    """``[L, G·N]`` lane-dense blocks (any dtype) -> float32 ``[G, L, N]`` VMEM buffers (static lane slices)."""
+    for ref, buf in zip(refs, bufs, strict=True):
+        for j in range(buf.shape[0]):
+            buf[j] = ref[:, j * n : (j + 1) * n].astype(buf.dtype)
+
+
+def _from_head_major(bufs, refs, n: int) -> None:
+    for buf, ref in zip(bufs, refs, strict=True):
+        for j in range(buf.shape[0]):
+            ref[:, j * n : (j + 1) * n] = buf[j].astype(ref.dtype)
 
 
 def _tpu_fwd_kernel(*refs):
-    """Refs: 6 input blocks ``[L,G,N]``, reset ``[L,1]``, S0 ``[G,N,N]``; outputs o ``[L,G,N]``, S_c
-    ``[G,N,N]``, S_final ``[G,N,N]``; scratch: state ``[G,N,N]``, 6 input + 1 output f32 ``[L,G,N]`` buffers.
+    """Refs: 6 input blocks ``[L, G·N]``, reset ``[L,1]``, S0 ``[G,N,N]``; outputs o ``[L, G·N]``, S_c
+    ``[G,N,N]``, S_final ``[G,N,N]``; scratch: state ``[G,N,N]``, 6 input + 1 output f32 ``[G,L,N]`` buffers.
 
-    Mosaic has no dynamic sublane-strided load of packed bf16, and an unrolled loop over the G heads keeps every
-    head's temporaries alive at once, so each block is converted to float32 in VMEM once and the heads are a
-    ``fori_loop`` with a dynamic head index."""
+    The G heads of a block are a ``fori_loop`` (an unrolled loop keeps every head's temporaries alive at once
+    and overflows VMEM in the backward); a dynamic index is only legal on a leading dim, so each block is moved
+    once to head-major float32 buffers with static lane slices."""
     in_refs, (reset_ref, s0_ref, o_ref, s_in_ref, s_out_ref, s_scr), bufs = refs[:6], refs[6:12], refs[12:]
     in_bufs, o_buf = bufs[:6], bufs[6]
+    n = s_scr.shape[-1]
     c = pl.program_id(2)
 
     @pl.when(c == 0)
     def _():
         s_scr[...] = s0_ref[...]
 
-    for ref, buf in zip(in_refs, in_bufs, strict=True):
-        buf[...] = ref[...].astype(buf.dtype)
+    _to_head_major(in_refs, in_bufs, n)
     reset = reset_ref[...] > 0
 
     def head(j, carry):
         s = s_scr[j]
         s_in_ref[j] = s
-        y, s_scr[j] = chunk_forward(s, *(_head_rows(buf, j) for buf in in_bufs), reset)
-        o_buf[:, pl.ds(j, 1), :] = y[:, None, :]
+        o_buf[j], s_scr[j] = chunk_forward(s, *(buf[j] for buf in in_bufs), reset)
         return carry
 
     jax.lax.fori_loop(0, s_scr.shape[0], head, 0)
-    o_ref[...] = o_buf[...].astype(o_ref.dtype)
+    _from_head_major([o_buf], [o_ref], n)
 
     @pl.when(c == pl.num_programs(2) - 1)
     def _():
@@ -127,48 +134,48 @@ def _tpu_fwd_kernel(*refs):
 
 
 def _tpu_bwd_kernel(*refs):
-    """Refs: 6 input blocks, reset, S_c ``[G,N,N]``, dO ``[L,G,N]``, ∂S_final; outputs: 6 gradient blocks,
-    ∂S0; scratch: ∂S ``[G,N,N]``, 7 input + 6 gradient f32 ``[L,G,N]`` buffers (see the forward kernel)."""
+    """Refs: 6 input blocks, reset, S_c ``[G,N,N]``, dO ``[L, G·N]``, ∂S_final; outputs: 6 gradient blocks,
+    ∂S0; scratch: ∂S ``[G,N,N]``, 7 input + 6 gradient f32 ``[G,L,N]`` buffers (see the forward kernel)."""
     in_refs, (reset_ref, s_in_ref, do_ref, dsf_ref), rest = refs[:6], refs[6:10], refs[10:]
     grad_refs, ds0_ref, ds_scr, bufs = rest[:6], rest[6], rest[7], rest[8:]
     in_bufs, grad_bufs = bufs[:7], bufs[7:]
+    n = ds_scr.shape[-1]
     c = pl.program_id(2)
 
     @pl.when(c == 0)
     def _():
         ds_scr[...] = dsf_ref[...]
 
-    for ref, buf in zip((*in_refs, do_ref), in_bufs, strict=True):
-        buf[...] = ref[...].astype(buf.dtype)
+    _to_head_major((*in_refs, do_ref), in_bufs, n)
     reset = reset_ref[...] > 0
 
     def head(j, carry):
-        *rows, do = (_head_rows(buf, j) for buf in in_bufs)
+        *rows, do = (buf[j] for buf in in_bufs)
         ds_scr[j], *grads = chunk_backward(s_in_ref[j], *rows, reset, do, ds_scr[j])
         for buf, g in zip(grad_bufs, grads, strict=True):
-            buf[:, pl.ds(j, 1), :] = g[:, None, :]
+            buf[j] = g
         return carry
 
     jax.lax.fori_loop(0, ds_scr.shape[0], head, 0)
-    for ref, buf in zip(grad_refs, grad_bufs, strict=True):
-        ref[...] = buf[...].astype(ref.dtype)
+    _from_head_major(grad_bufs, grad_refs, n)
 
     @pl.when(c == pl.num_programs(2) - 1)
     def _():
         ds0_ref[...] = ds_scr[...]
 
 
-def tpu_head_group(heads: int) -> int:
-    """Heads per TPU program: 8 when it divides H (a block's last two dims ``(G, N)`` must be divisible by
-    ``(8, 128)`` or equal the array's, so one head alone is not a legal block of ``[B,T,H,N]``), else all H."""
-    return 8 if heads % 8 == 0 else heads
+def tpu_head_group(heads: int, n: int) -> int:
+    """Heads per TPU program: a block of the lane-dense ``[B, T, H·N]`` view is ``(L, G·N)``, whose last dim must
+    be a multiple of 128 lanes or the whole ``H·N``: ``G = 128 / N`` (N < 128) or 1, else all H."""
+    group = max(1, 128 // n)
+    return group if heads % group == 0 else heads
 
 
 def _tpu_specs(chunk: int, n: int, group: int, num_chunks: int, reverse: bool):
     def chunk_idx(c):
         return num_chunks - 1 - c if reverse else c
 
-    rows = pl.BlockSpec((None, chunk, group, n), lambda b, h, c: (b, chunk_idx(c), h, 0))  # [L, G, N]
+    rows = pl.BlockSpec((None, chunk, group * n), lambda b, h, c: (b, chunk_idx(c), h))  # [L, G·N]
     reset = pl.BlockSpec((None, chunk, 1), lambda b, h, c: (b, chunk_idx(c), 0))  # [L, 1]
     per_chunk = pl.BlockSpec((None, group, None, n, n), lambda b, h, c: (b, h, chunk_idx(c), 0, 0))  # [G,N,N]
     state = pl.BlockSpec((None, group, n, n), lambda b, h, c: (b, h, 0, 0))  # [G,N,N], resident over chunks
@@ -178,50 +185,58 @@ def _tpu_specs(chunk: int, n: int, group: int, num_chunks: int, reverse: bool):
 _TPU_PARAMS = dict(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
+def _lane_dense(*xs: jax.Array) -> list[jax.Array]:
+    """``[B,T,H,N]`` -> ``[B,T,H·N]``: the layout of the projections that produce them (a free reshape)."""
+    return [x.reshape(*x.shape[:2], -1) for x in xs]
+
+
 def _fwd_tpu(r, w, k, v, a, b, reset, s0, *, chunk: int, interpret: bool):
     bsz, seq_len, heads, n = r.shape
-    num_chunks, group = seq_len // chunk, tpu_head_group(heads)
+    num_chunks, group = seq_len // chunk, tpu_head_group(heads, n)
     rows, reset_spec, per_chunk, state = _tpu_specs(chunk, n, group, num_chunks, reverse=False)
-    inputs = (r, w, k, v, a, b, reset, s0)
+    inputs = (*_lane_dense(r, w, k, v, a, b), reset, s0)
     out_shape = [
-        _out_struct(r.shape, r.dtype, *inputs),
+        _out_struct(inputs[0].shape, r.dtype, *inputs),
         _out_struct((bsz, heads, num_chunks, n, n), s0.dtype, *inputs),
         _out_struct(s0.shape, s0.dtype, *inputs),
     ]
-    return pl.pallas_call(
+    o, s_in, s_final = pl.pallas_call(
         _tpu_fwd_kernel,
         grid=(bsz, heads // group, num_chunks),
         in_specs=[rows] * 6 + [reset_spec, state],
         out_specs=[rows, per_chunk, state],
         out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((group, n, n), s0.dtype)] + [pltpu.VMEM((chunk, group, n), s0.dtype)] * 7,
+        scratch_shapes=[pltpu.VMEM((group, n, n), s0.dtype)] + [pltpu.VMEM((group, chunk, n), s0.dtype)] * 7,
         compiler_params=pltpu.CompilerParams(**_TPU_PARAMS),
         cost_estimate=_cost(bsz, seq_len, heads, n, chunk, (*inputs, *out_shape), backward=False),
         interpret=interpret,
         name="wkv7_fused_fwd",
     )(*inputs)
+    return o.reshape(r.shape), s_in, s_final
 
 
 def _bwd_tpu(r, w, k, v, a, b, reset, s_in, do, dsf, *, chunk: int, interpret: bool):
     bsz, seq_len, heads, n = r.shape
-    num_chunks, group = seq_len // chunk, tpu_head_group(heads)
+    num_chunks, group = seq_len // chunk, tpu_head_group(heads, n)
     rows, reset_spec, per_chunk, state = _tpu_specs(chunk, n, group, num_chunks, reverse=True)
-    inputs = (r, w, k, v, a, b, reset, s_in, do, dsf)
-    out_shape = [_out_struct(x.shape, x.dtype, *inputs) for x in (r, w, k, v, a, b)]
+    rows_in = _lane_dense(r, w, k, v, a, b)
+    inputs = (*rows_in, reset, s_in, *_lane_dense(do), dsf)
+    out_shape = [_out_struct(x.shape, x.dtype, *inputs) for x in rows_in]
     out_shape.append(_out_struct(dsf.shape, dsf.dtype, *inputs))
-    return pl.pallas_call(
+    *grads, ds0 = pl.pallas_call(
         _tpu_bwd_kernel,
         grid=(bsz, heads // group, num_chunks),
         in_specs=[rows] * 6 + [reset_spec, per_chunk, rows, state],
         out_specs=[rows] * 6 + [state],
         out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((group, n, n), dsf.dtype)]
-        + [pltpu.VMEM((chunk, group, n), dsf.dtype)] * 13,
+        + [pltpu.VMEM((group, chunk, n), dsf.dtype)] * 13,
         compiler_params=pltpu.CompilerParams(**_TPU_PARAMS),
         cost_estimate=_cost(bsz, seq_len, heads, n, chunk, (*inputs, *out_shape), backward=True),
         interpret=interpret,
         name="wkv7_fused_bwd",
     )(*inputs)
+    return (*(g.reshape(r.shape) for g in grads), ds0)
 
 
 # ------------------------------------------------------------------------------------------- GPU (Triton)
