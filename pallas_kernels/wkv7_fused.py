@@ -100,13 +100,15 @@ def _from_head_major(bufs, refs, n: int) -> None:
             ref[:, j * n : (j + 1) * n] = buf[j].astype(ref.dtype)
 
 
-def _tpu_fwd_kernel(*refs):
+def _tpu_fwd_kernel(*refs, save_states: bool):
     """Refs: 6 input blocks ``[L, G·N]``, reset ``[L,1]``, S0 ``[G,N,N]``; outputs o ``[L, G·N]``, S_c
     ``[G,N,N]``, S_final ``[G,N,N]``; scratch: state ``[G,N,N]``, 6 input + 1 output f32 ``[G,L,N]`` buffers.
 
     The G heads of a block are a ``fori_loop`` (an unrolled loop keeps every head's temporaries alive at once
     and overflows VMEM in the backward); a dynamic index is only legal on a leading dim, so each block is moved
     once to head-major float32 buffers with static lane slices."""
+    if not save_states:  # a forward-only call: no checkpoints for a backward pass
+        refs = (*refs[:9], None, *refs[9:])
     in_refs, (reset_ref, s0_ref, o_ref, s_in_ref, s_out_ref, s_scr), bufs = refs[:6], refs[6:12], refs[12:]
     in_bufs, o_buf = bufs[:6], bufs[6]
     n = s_scr.shape[-1]
@@ -121,7 +123,8 @@ def _tpu_fwd_kernel(*refs):
 
     def head(j, carry):
         s = s_scr[j]
-        s_in_ref[j] = s
+        if s_in_ref is not None:
+            s_in_ref[j] = s
         o_buf[j], s_scr[j] = chunk_forward(s, *(buf[j] for buf in in_bufs), reset)
         return carry
 
@@ -190,7 +193,7 @@ def _lane_dense(*xs: jax.Array) -> list[jax.Array]:
     return [x.reshape(*x.shape[:2], -1) for x in xs]
 
 
-def _fwd_tpu(r, w, k, v, a, b, reset, s0, *, chunk: int, interpret: bool):
+def _fwd_tpu(r, w, k, v, a, b, reset, s0, *, chunk: int, interpret: bool, save_states: bool):
     bsz, seq_len, heads, n = r.shape
     num_chunks, group = seq_len // chunk, tpu_head_group(heads, n)
     rows, reset_spec, per_chunk, state = _tpu_specs(chunk, n, group, num_chunks, reverse=False)
@@ -200,11 +203,14 @@ def _fwd_tpu(r, w, k, v, a, b, reset, s0, *, chunk: int, interpret: bool):
         _out_struct((bsz, heads, num_chunks, n, n), s0.dtype, *inputs),
         _out_struct(s0.shape, s0.dtype, *inputs),
     ]
-    o, s_in, s_final = pl.pallas_call(
-        _tpu_fwd_kernel,
+    out_specs = [rows, per_chunk, state]
+    if not save_states:
+        del out_shape[1], out_specs[1]
+    o, *states = pl.pallas_call(
+        functools.partial(_tpu_fwd_kernel, save_states=save_states),
         grid=(bsz, heads // group, num_chunks),
         in_specs=[rows] * 6 + [reset_spec, state],
-        out_specs=[rows, per_chunk, state],
+        out_specs=out_specs,
         out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((group, n, n), s0.dtype)] + [pltpu.VMEM((group, chunk, n), s0.dtype)] * 7,
         compiler_params=pltpu.CompilerParams(**_TPU_PARAMS),
@@ -212,7 +218,7 @@ def _fwd_tpu(r, w, k, v, a, b, reset, s0, *, chunk: int, interpret: bool):
         interpret=interpret,
         name="wkv7_fused_fwd",
     )(*inputs)
-    return o.reshape(r.shape), s_in, s_final
+    return (o.reshape(r.shape), *states)
 
 
 def _bwd_tpu(r, w, k, v, a, b, reset, s_in, do, dsf, *, chunk: int, interpret: bool):
@@ -242,18 +248,22 @@ def _bwd_tpu(r, w, k, v, a, b, reset, s_in, do, dsf, *, chunk: int, interpret: b
 # ------------------------------------------------------------------------------------------- GPU (Triton)
 
 
-def _gpu_fwd_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, reset_ref, s0_ref, o_ref, s_in_ref, s_out_ref):
-    chunk = reset_ref.shape[0] // s_in_ref.shape[0]
+def _gpu_fwd_kernel(*refs, num_chunks: int, save_states: bool):
+    if not save_states:
+        refs = (*refs[:9], None, *refs[9:])
+    r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, reset_ref, s0_ref, o_ref, s_in_ref, s_out_ref = refs
+    chunk = reset_ref.shape[0] // num_chunks
 
     def body(c, s):
         at = pl.ds(c * chunk, chunk)
-        s_in_ref[c] = s
+        if s_in_ref is not None:
+            s_in_ref[c] = s
         rows = (x[at, :].astype(s.dtype) for x in (r_ref, w_ref, k_ref, v_ref, a_ref, b_ref))
         y, s = chunk_forward(s, *rows, reset_ref[at, :] > 0)
         o_ref[at, :] = y.astype(o_ref.dtype)
         return s
 
-    s_out_ref[...] = jax.lax.fori_loop(0, s_in_ref.shape[0], body, s0_ref[...])
+    s_out_ref[...] = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...])
 
 
 def _gpu_bwd_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, reset_ref, s_in_ref, do_ref, dsf_ref, *refs):
@@ -282,7 +292,22 @@ def _gpu_specs(seq_len: int, n: int, num_chunks: int):
     return rows, reset, per_chunk, state
 
 
-def _fwd_gpu(r, w, k, v, a, b, reset, s0, *, chunk: int, interpret: bool, num_warps: int, num_stages: int):
+def _fwd_gpu(
+    r,
+    w,
+    k,
+    v,
+    a,
+    b,
+    reset,
+    s0,
+    *,
+    chunk: int,
+    interpret: bool,
+    num_warps: int,
+    num_stages: int,
+    save_states: bool,
+):
     bsz, seq_len, heads, n = r.shape
     num_chunks = seq_len // chunk
     rows, reset_spec, per_chunk, state = _gpu_specs(seq_len, n, num_chunks)
@@ -292,11 +317,14 @@ def _fwd_gpu(r, w, k, v, a, b, reset, s0, *, chunk: int, interpret: bool, num_wa
         _out_struct((bsz, heads, num_chunks, n, n), s0.dtype, *inputs),
         _out_struct(s0.shape, s0.dtype, *inputs),
     ]
+    out_specs = [rows, per_chunk, state]
+    if not save_states:
+        del out_shape[1], out_specs[1]
     return pl.pallas_call(
-        _gpu_fwd_kernel,
+        functools.partial(_gpu_fwd_kernel, num_chunks=num_chunks, save_states=save_states),
         grid=(bsz, heads),
         in_specs=[rows] * 6 + [reset_spec, state],
-        out_specs=[rows, per_chunk, state],
+        out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         cost_estimate=_cost(bsz, seq_len, heads, n, chunk, (*inputs, *out_shape), backward=False),
@@ -345,12 +373,13 @@ def _dispatch(cfg: FusedConfig, chunk: int, tpu_fn, gpu_fn, *args):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def _fused(r, w, k, v, a, b, reset, s0, chunk: int, cfg: FusedConfig):
-    o, _, s_final = _dispatch(cfg, chunk, _fwd_tpu, _fwd_gpu, r, w, k, v, a, b, reset, s0)
-    return o, s_final
+    fwd_tpu, fwd_gpu = (functools.partial(f, save_states=False) for f in (_fwd_tpu, _fwd_gpu))
+    return tuple(_dispatch(cfg, chunk, fwd_tpu, fwd_gpu, r, w, k, v, a, b, reset, s0))
 
 
 def _fused_fwd(r, w, k, v, a, b, reset, s0, chunk, cfg):
-    o, s_in, s_final = _dispatch(cfg, chunk, _fwd_tpu, _fwd_gpu, r, w, k, v, a, b, reset, s0)
+    fwd_tpu, fwd_gpu = (functools.partial(f, save_states=True) for f in (_fwd_tpu, _fwd_gpu))
+    o, s_in, s_final = _dispatch(cfg, chunk, fwd_tpu, fwd_gpu, r, w, k, v, a, b, reset, s0)
     return (o, s_final), (r, w, k, v, a, b, reset, s_in)
 
 
