@@ -12,7 +12,7 @@ import subprocess
 import time
 
 import pytest
-from train_support import PYTHON, REPO, stub_step_trainer, subprocess_env, tiny_config, write_yaml
+from train_support import PYTHON, REPO, free_port, stub_step_trainer, subprocess_env, tiny_config, write_yaml
 
 from train.checkpoint import CheckpointError
 from train.cli import main
@@ -244,3 +244,27 @@ def test_diverged_run_exits_1_with_one_line(tmp_path, capsys, monkeypatch):
     cfg = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "run", str(tmp_path / "store")))
     assert main(["train", str(cfg)]) == 1
     assert capsys.readouterr().err == "wuneng train: error: the last 10 steps (1..10) had a non-finite loss\n"
+
+
+# ---- multi-host start
+
+
+def test_an_unreachable_coordinator_is_waited_for_then_one_clear_error(tmp_path, capsys):
+    from train.config import DistributedConfig
+
+    assert DistributedConfig().initialization_timeout <= 120
+    port = free_port()  # nothing listens there
+    dist = {"coordinator_address": f"localhost:{port}", "num_processes": 2, "process_id": 1}
+    cfg = tiny_config(
+        tmp_path / "run", str(tmp_path / "store"), distributed={**dist, "initialization_timeout": 2}
+    )
+    t0 = time.monotonic()
+    assert main(["train", str(write_yaml(tmp_path / "c.yaml", cfg))]) == 2
+    assert time.monotonic() - t0 < 15
+    err = capsys.readouterr().err.splitlines()
+    waiting = [line for line in err if line.startswith(f"waiting for coordinator localhost:{port}")]
+    assert waiting == [f"waiting for coordinator localhost:{port} (process 1 of 2; 0 s of 2 s)"]
+    assert err[-1].startswith(
+        f"wuneng train: error: process 1: the coordinator localhost:{port} did not answer within 2 s ("
+    )
+    assert "raise distributed.initialization_timeout" in err[-1]

@@ -161,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         pin_cpu_without_accelerator()  # before any JAX backend starts: no libtpu probe on a CPU host
     from train.checkpoint import CheckpointError
+    from train.mesh import CoordinatorUnreachable
     from train.run_lock import RunLockError
     from train.signals import ABORT_EXIT_CODE
     from train.trainer import TrainingDiverged
@@ -169,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._fn(args))
     except TrainingDiverged as e:
         return _error(args.command, e, 1)
-    except (ValueError, CheckpointError, RunLockError, FileNotFoundError) as e:
+    except (ValueError, CheckpointError, RunLockError, CoordinatorUnreachable, FileNotFoundError) as e:
         return _error(args.command, e, 2)  # ConfigError, MeshError, StoreError are ValueErrors
     except KeyboardInterrupt:
         print(f"wuneng {args.command}: interrupted", file=sys.stderr)

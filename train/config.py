@@ -112,6 +112,13 @@ class MeshConfig:
         return (self.data, self.fsdp, self.tensor, self.sequence)
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``("host", port)`` of ``host:port`` / ``[v6addr]:port``, None when malformed."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    return (host, int(port)) if host and port.isdigit() and 0 < int(port) < 65536 else None
+
+
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
     """Multi-host start-up (``jax.distributed.initialize``).
@@ -119,6 +126,8 @@ class DistributedConfig:
     Explicit ``coordinator_address`` + ``num_processes`` + ``process_id`` always win (CPU tests,
     hand-launched clusters). Otherwise, with ``auto``, JAX's own cluster detection runs when the
     environment shows one (TPU pod VMs, SLURM, Open MPI, ``JAX_COORDINATOR_ADDRESS``).
+    ``initialization_timeout`` (seconds) bounds the start-up: a process that cannot reach the
+    coordinator says so while it waits and then stops with an error.
     """
 
     coordinator_address: str | None = None
@@ -126,7 +135,7 @@ class DistributedConfig:
     process_id: int | None = None
     auto: bool = True
     cpu_collectives: str = "gloo"
-    initialization_timeout: int = 300
+    initialization_timeout: int = 120
 
     def validate(self, prefix: str = "distributed") -> None:
         explicit = [self.coordinator_address, self.num_processes, self.process_id]
@@ -141,6 +150,18 @@ class DistributedConfig:
             _fail(f"{prefix}.process_id", f"{self.process_id} not in [0, num_processes)")
         if self.cpu_collectives not in ("gloo", "mpi", "none"):
             _fail(f"{prefix}.cpu_collectives", f"{self.cpu_collectives!r} is not one of gloo, mpi, none")
+        if self.initialization_timeout < 1:
+            _fail(
+                f"{prefix}.initialization_timeout",
+                f"must be >= 1 (seconds), got {self.initialization_timeout}",
+            )
+        if self.coordinator_address is not None and not _host_port(self.coordinator_address):
+            _fail(
+                f"{prefix}.coordinator_address", f"{self.coordinator_address!r} is not of the form host:port"
+            )
+
+    def host_port(self) -> tuple[str, int] | None:
+        return None if self.coordinator_address is None else _host_port(self.coordinator_address)
 
 
 @dataclasses.dataclass(frozen=True)

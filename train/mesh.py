@@ -15,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +34,10 @@ log = logging.getLogger(__name__)
 
 class MeshError(ValueError):
     """The configured mesh cannot be built on these devices."""
+
+
+class CoordinatorUnreachable(RuntimeError):
+    """A multi-host start could not reach the coordinator within ``distributed.initialization_timeout``."""
 
 
 def resolve_axis_sizes(sizes: Sequence[int], n_devices: int) -> tuple[int, ...]:
@@ -182,6 +189,8 @@ def initialize_distributed(cfg: DistributedConfig) -> bool:
         return False
     if explicit and cfg.num_processes == 1:
         return False
+    if explicit and cfg.process_id != 0:
+        wait_for_coordinator(cfg)
     if cfg.cpu_collectives != "none":
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
     if explicit:
@@ -195,3 +204,41 @@ def initialize_distributed(cfg: DistributedConfig) -> bool:
         jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout)
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
+
+
+WAIT_NOTICE_S = 10.0  # seconds between "waiting for coordinator" lines
+
+
+def wait_for_coordinator(
+    cfg: DistributedConfig, *, say: Callable[[str], None] | None = None, poll_s: float = 0.5
+) -> None:
+    """Wait until the coordinator's ``host:port`` accepts connections, printing a line every
+    :data:`WAIT_NOTICE_S` seconds; raise :class:`CoordinatorUnreachable` after
+    ``cfg.initialization_timeout`` seconds (instead of the runtime's abort deep inside
+    ``jax.distributed.initialize``)."""
+    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    host, port = cfg.host_port()
+    where = f"{host}:{port}"
+    start = time.monotonic()
+    next_notice = start
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(poll_s * 4, 5.0)):
+                return
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+        waited = time.monotonic() - start
+        if waited >= cfg.initialization_timeout:
+            raise CoordinatorUnreachable(
+                f"process {cfg.process_id}: the coordinator {where} did not answer within "
+                f"{cfg.initialization_timeout} s ({reason}); start process 0 with the same "
+                f"distributed.coordinator_address, check that {where} is reachable from this host, or raise "
+                "distributed.initialization_timeout"
+            )
+        if time.monotonic() >= next_notice:
+            say(
+                f"waiting for coordinator {where} (process {cfg.process_id} of {cfg.num_processes}; "
+                f"{waited:.0f} s of {cfg.initialization_timeout} s)"
+            )
+            next_notice += WAIT_NOTICE_S
+        time.sleep(poll_s)
