@@ -3,11 +3,11 @@ same run, forward and forward+backward, with the FLOP and byte floors of the pro
 
     python benchmarks/wkv7_gpu.py                       # B=8 T=4096 H=64 N=64, bf16 inputs (issue 3 shape)
     python benchmarks/wkv7_gpu.py --smoke               # tiny shape, runs anywhere (CPU: Pallas interpreter)
-    python benchmarks/wkv7_gpu.py --chunk-size 32 --block-v 16 --num-warps 8 --num-stages 3
+    python benchmarks/wkv7_gpu.py --chunk-size 32 --num-warps 8 --num-stages 2
+    python benchmarks/wkv7_gpu.py --sweep               # + the fused kernel over chunk / warps / stages
 
-Columns: ``pallas`` (what ``wkv7(impl="pallas")`` computes: the state pass as a Pallas kernel, Triton on GPU,
-Mosaic on TPU), ``chunked`` (``wkv7(impl="chunked")``: the same stages A/C, the state pass as ``lax.scan``), ``stageB-pallas`` / ``stageB-scan`` (the state pass
-alone, on precomputed stage-A terms: where the kernel's own time goes), ``fla`` / ``fla-lb`` (fla's
+Columns: ``pallas`` (what ``wkv7(impl="pallas")`` computes: the fused chunk kernels, Triton on GPU, Mosaic on
+TPU), ``chunked`` (``wkv7(impl="chunked")``: the chunked form in XLA), ``fla`` / ``fla-lb`` (fla's
 ``chunk_rwkv7`` with default settings / with ``lower_bound=-e^{-1/2}``, the setting fla's RWKV-7 layer uses;
 skipped with a printed note when ``fla`` / ``torch`` / CUDA are missing). Before timing, outputs are checked: pallas
 vs the sequential reference on one batch row and 8 heads (float32, full T), pallas vs chunked and vs fla on
@@ -41,13 +41,12 @@ non-tensor peak and the HBM bandwidth of the device (table ``PEAKS``, matched on
 ``benchmarks/results/wkv7_gpu_<platform>.json`` with the device name and date (``--smoke`` writes to a temporary
 directory instead, so a smoke run leaves no result file behind).
 
-Stage A's exact pairwise fallback (taken only when some |log_w| exceeds the factored bound, never for RWKV-7
-decays) is compiled next to the matmul path inside a ``lax.cond``; at large shapes its buffers can exceed the
-device memory. The script compiles each JAX function first and, when the compiled temporaries do not fit,
-re-runs it with stage A pinned to the matmul path (valid here: the benchmark's ``log_w`` lies in
-``(-e^{-1/2}, 0)``) and records that in the results (``stage_a``; ``--stage-a matmul`` forces it). Measured with
-the TPU AOT compiler (v5p, libtpu 0.0.42.1) at the default shape: pallas needs 140.8 / 294.0 GB of
-temporaries (fwd / fwd+bwd) as shipped, 15.0 / 43.5 GB with stage A on its matmul path.
+The chunked XLA form's exact pairwise fallback (taken only when some |log_w| exceeds the factored bound, never
+for RWKV-7 decays) is compiled next to its matmul path inside a ``lax.cond``; at large shapes its buffers can
+exceed the device memory. The script compiles the chunked column first and, when the compiled temporaries do
+not fit, re-runs it with the matmul path only (valid here: the benchmark's ``log_w`` lies in
+``(-e^{-1/2}, 0)``) and records that (``stage_a``; ``--stage-a matmul`` forces it). The fused kernel has no
+such fallback: it is exact for every decay.
 """
 
 from __future__ import annotations
@@ -77,9 +76,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from pallas_kernels import wkv7  # noqa: E402
 from pallas_kernels import wkv7_chunked as chunked_mod  # noqa: E402
-from pallas_kernels.wkv7_chunked import chunk_terms, state_pass_scan, wkv7_chunked  # noqa: E402
-from pallas_kernels.wkv7_pallas import wkv7_pallas  # noqa: E402
-from pallas_kernels.wkv7_state_pass import StatePassConfig, state_pass  # noqa: E402
+from pallas_kernels.wkv7_chunked import wkv7_chunked  # noqa: E402
+from pallas_kernels.wkv7_fused import DEFAULT_CHUNK, FusedConfig, wkv7_fused  # noqa: E402
 
 LOG_W_MIN = -float(np.exp(-0.5))  # RWKV-7: log w = -e^{-1/2} sigmoid(.) lies in (-0.6065, 0)
 # Vendor spec sheets (dense, no sparsity): bf16 tensor TFLOP/s, f32 non-tensor TFLOP/s, HBM GB/s. First match wins.
@@ -173,19 +171,17 @@ def stage_a_matmul_only(enabled: bool):
         chunked_mod._interaction_matrices = original
 
 
-def jax_op(impl: str, chunk: int, cfg: StatePassConfig | None) -> Callable:
-    """``(r, log_w, k, v, a, b) -> (o, S_T)`` exactly as ``wkv7(impl=...)`` computes it (inputs upcast to f32, o in
-    r's dtype), but traced afresh each time: the public op's jit cache would keep the first stage-A variant."""
+def jax_op(impl: str, chunk: int, cfg: FusedConfig | None) -> Callable:
+    """``(r, log_w, k, v, a, b) -> (o, S_T)`` exactly as ``wkv7(impl=...)`` computes it (o in r's dtype), traced
+    afresh each time: the public op's jit cache would keep the first stage-A variant of the chunked form."""
 
     def op(*xs):
-        f32 = [x.astype(jnp.float32) for x in xs]
         bsz, _, heads, n = xs[0].shape
         s0 = jnp.zeros((bsz, heads, n, n), jnp.float32)
         if impl == "chunked":
-            o, s = wkv7_chunked(*f32, s0, None, chunk_size=chunk)
-        else:
-            o, s = wkv7_pallas(*f32, s0, None, chunk_size=chunk, config=cfg)
-        return o.astype(xs[0].dtype), s
+            o, s = wkv7_chunked(*[x.astype(jnp.float32) for x in xs], s0, None, chunk_size=chunk)
+            return o.astype(xs[0].dtype), s
+        return wkv7_fused(*xs, s0, None, chunk, cfg)  # bf16 in and out of the kernel
 
     return op
 
@@ -198,29 +194,6 @@ def jax_fns(op: Callable) -> tuple[Callable, Callable]:
 
     fwd_bwd = jax.jit(lambda xs, do: jax.grad(loss)(xs, do))
     return (lambda xs, do: fwd(*xs)), fwd_bwd
-
-
-def stage_b_fns(chunk: int, cfg: StatePassConfig | None) -> tuple[Callable, Callable, Callable]:
-    """Stage B alone: (prepare terms, forward, forward+backward) for a kernel config, or the scan when None."""
-    prepare = jax.jit(
-        lambda xs: chunk_terms(*[x.astype(jnp.float32) for x in xs], None, chunk)[:5]  # w, u, g, b_bar, x
-    )
-    if cfg is None:
-        op = state_pass_scan
-    else:
-        op = lambda *t: state_pass(*t, cfg)
-
-    def run(terms):
-        bsz, heads, _, _, n = terms[0].shape
-        return op(*terms, jnp.zeros((bsz, heads, n, n), jnp.float32))
-
-    def loss(terms):
-        s_in, sa, s_out = run(terms)
-        return jnp.sum(s_in) + jnp.sum(sa) + jnp.sum(s_out)
-
-    fwd = jax.jit(run)
-    fwd_bwd = jax.jit(jax.grad(loss))
-    return prepare, (lambda terms, _do: fwd(terms)), (lambda terms, _do: fwd_bwd(terms))
 
 
 def compiled_bytes(fn: Callable, *args) -> tuple[float, float | None]:
@@ -308,13 +281,11 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--heads", type=int, default=64)
     p.add_argument("--head-size", type=int, default=64)
-    p.add_argument("--chunk-size", type=int, default=64, help="pallas chunk (chunked uses the same)")
+    p.add_argument("--chunk-size", type=int, default=None, help="pallas chunk (default: the platform's)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--block-v", type=int, default=None, help="GPU: value rows per Triton program")
-    p.add_argument("--num-warps", type=int, default=4)
-    p.add_argument("--num-stages", type=int, default=2)
-    p.add_argument("--chunks-per-step", type=int, default=1, help="TPU: chunks per grid step")
+    p.add_argument("--num-warps", type=int, default=4, help="GPU: Triton warps per program")
+    p.add_argument("--num-stages", type=int, default=1, help="GPU: Triton pipeline stages")
     p.add_argument(
         "--stage-a",
         choices=("auto", "shipped", "matmul"),
@@ -326,24 +297,22 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--peak-bf16-tflops", type=float, default=None)
     p.add_argument("--peak-f32-tflops", type=float, default=None)
     p.add_argument("--peak-hbm-gbps", type=float, default=None)
-    p.add_argument("--sweep", action="store_true", help="also time the stage-B kernel over launch configs")
+    p.add_argument(
+        "--sweep", action="store_true", help="also time the fused kernel over chunk / launch configs"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shape, 1 rep, results to a temporary directory")
     return p
 
 
-SWEEP_KEYS = {"gpu": ("block_v", "num_warps", "num_stages"), "tpu": ("chunks_per_step",)}
-
-
-def sweep_configs(n: int, target: str) -> list[StatePassConfig]:
-    """Kernel launch configurations to time for the stage-B kernel alone (``--sweep``)."""
+def sweep_configs(target: str) -> list[tuple[int, FusedConfig]]:
+    """(chunk, kernel config) pairs to time the fused kernel with (``--sweep``)."""
     if target == "tpu":
-        return [StatePassConfig(chunks_per_step=g) for g in (1, 2, 4, 8, 16)]
+        return [(c, FusedConfig()) for c in (16, 32, 64, 128)]
     return [
-        StatePassConfig(block_v=bv, num_warps=warps, num_stages=stages)
-        for bv in (16, 32, 64, 128)
-        if bv <= n
-        for warps in (1, 2, 4, 8)
-        for stages in (1, 2, 3)
+        (c, FusedConfig(num_warps=warps, num_stages=stages))
+        for c in (16, 32, 64)
+        for warps in (2, 4, 8)
+        for stages in (1, 2)
     ]
 
 
@@ -351,25 +320,21 @@ def main(
     argv=None,
     *,
     name: str = "wkv7_gpu",
-    target: str = "gpu",
     with_fla: bool = True,
     description: str = __doc__,
 ) -> dict:
     args = build_parser(description).parse_args(argv)
+    target = "tpu" if jax.default_backend() == "tpu" else "gpu"  # the same harness times a TPU host
     if args.smoke:
         args.batch, args.seq_len, args.heads, args.head_size = 1, 100, 2, 32
         args.chunk_size, args.warmup, args.reps = 16, 1, 1
         common.RESULTS_DIR = tempfile.mkdtemp(prefix="wkv7_smoke_")
-    bsz, seq_len, heads, n, chunk = args.batch, args.seq_len, args.heads, args.head_size, args.chunk_size
+    bsz, seq_len, heads, n = args.batch, args.seq_len, args.heads, args.head_size
+    chunk = args.chunk_size or DEFAULT_CHUNK[target]
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {_dt.date.today()}")
     print(f"shape B={bsz} T={seq_len} H={heads} N={n}, bf16 inputs, chunk {chunk}", flush=True)
-    cfg = StatePassConfig(
-        chunks_per_step=args.chunks_per_step,
-        block_v=args.block_v,
-        num_warps=args.num_warps,
-        num_stages=args.num_stages,
-    )
+    cfg = FusedConfig(num_warps=args.num_warps, num_stages=args.num_stages)
     notes: list[str] = []
     inputs = make_inputs(bsz, seq_len, heads, n)
 
@@ -390,15 +355,19 @@ def main(
     do = jnp.asarray(inputs["do"])
     stage_a, outputs = {}, {}
     for label in ("pallas", "chunked"):
-        op = jax_op(label, chunk, cfg if label == "pallas" else None)
-        need, limit = compiled_bytes(jax_fns(op)[1], xs, do) if args.stage_a == "auto" else (0.0, None)
-        matmul_only = args.stage_a == "matmul" or (limit is not None and need > 0.9 * limit)
-        stage_a[label] = "as shipped (matmul path + pairwise fallback)"
-        if matmul_only:
-            why = f"with the pairwise fallback it needs {need / 1e9:.1f} GB" if need else "--stage-a matmul"
-            stage_a[label] = f"matmul path only ({why})"
-            notes.append(f"{label}: stage A {stage_a[label]}")
-            print(f"note: {label}: stage A {stage_a[label]}", flush=True)
+        op = jax_op(label, chunk if label == "pallas" else 16, cfg if label == "pallas" else None)
+        matmul_only = False
+        if label == "chunked":
+            need, limit = compiled_bytes(jax_fns(op)[1], xs, do) if args.stage_a == "auto" else (0.0, None)
+            matmul_only = args.stage_a == "matmul" or (limit is not None and need > 0.9 * limit)
+            stage_a[label] = "as shipped (matmul path + pairwise fallback)"
+            if matmul_only:
+                why = (
+                    f"with the pairwise fallback it needs {need / 1e9:.1f} GB" if need else "--stage-a matmul"
+                )
+                stage_a[label] = f"matmul path only ({why})"
+                notes.append(f"{label}: stage A {stage_a[label]}")
+                print(f"note: {label}: stage A {stage_a[label]}", flush=True)
         with stage_a_matmul_only(matmul_only):
             fwd, fwd_bwd = jax_fns(op)
             outputs[label] = jax.device_get(fwd(xs, do))
@@ -409,30 +378,19 @@ def main(
             f"{label}: fwd {times[label, 'fwd'] * 1e3:.3f} ms, fwd+bwd {times[label, 'fwd_bwd'] * 1e3:.3f} ms"
         )
 
-    for label, kernel_cfg in (("stageB-pallas", cfg), ("stageB-scan", None)):
-        prepare, fwd, fwd_bwd = stage_b_fns(chunk, kernel_cfg)
-        with stage_a_matmul_only(True):
-            terms = jax.block_until_ready(prepare(xs))
-        for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-            timing = common.time_fn(
-                lambda fn=fn, terms=terms: fn(terms, None), warmup=args.warmup, reps=args.reps
-            )
-            times[label, mode] = timing["median_s"]
-        print(
-            f"{label}: fwd {times[label, 'fwd'] * 1e3:.3f} ms, fwd+bwd {times[label, 'fwd_bwd'] * 1e3:.3f} ms"
-        )
-
     sweep = []
     if args.sweep:
-        with stage_a_matmul_only(True):
-            terms = jax.block_until_ready(stage_b_fns(chunk, None)[0](xs))
-        for kernel_cfg in sweep_configs(n, target)[: 2 if args.smoke else None]:
-            _, fwd, fwd_bwd = stage_b_fns(chunk, kernel_cfg)
-            rec = {k: getattr(kernel_cfg, k) for k in SWEEP_KEYS[target]}
+        for sweep_chunk, kernel_cfg in sweep_configs(target)[: 2 if args.smoke else None]:
+            fwd, fwd_bwd = jax_fns(jax_op("pallas", sweep_chunk, kernel_cfg))
+            rec = {
+                "chunk": sweep_chunk,
+                "num_warps": kernel_cfg.num_warps,
+                "num_stages": kernel_cfg.num_stages,
+            }
             try:
                 for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-                    timing = common.time_fn(lambda fn=fn: fn(terms, None), warmup=args.warmup, reps=args.reps)
-                    rec[f"stageB_{mode}_ms"] = timing["median_s"] * 1e3
+                    timing = common.time_fn(lambda fn=fn: fn(xs, do), warmup=args.warmup, reps=args.reps)
+                    rec[f"{mode}_ms"] = timing["median_s"] * 1e3
             except Exception as err:  # a config the compiler rejects (e.g. out of registers / shared memory)
                 rec["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             print("sweep", rec, flush=True)
@@ -458,17 +416,12 @@ def main(
     flops, nbytes = flop_floor(bsz, seq_len, heads, n), byte_floor(bsz, seq_len, heads, n)
     peaks = device_peaks(dev.device_kind, args)
     rows, records = [], []
-    labels = [
-        k
-        for k in ("pallas", "chunked", "fla", "fla-lb", "stageB-pallas", "stageB-scan")
-        if (k, "fwd") in times
-    ]
+    labels = [k for k in ("pallas", "chunked", "fla", "fla-lb") if (k, "fwd") in times]
     for label in labels:
         for mode in ("fwd", "fwd_bwd"):
             sec = times[label, mode]
-            whole_op = not label.startswith("stageB")
-            tflops = flops[mode] / sec / 1e12 if whole_op else None
-            gbps = nbytes[mode] / sec / 1e9 if whole_op else None
+            tflops = flops[mode] / sec / 1e12
+            gbps = nbytes[mode] / sec / 1e9
             frac = lambda x, peak: (x / peak) if (x is not None and peak) else None
             rec = {
                 "impl": label,
@@ -489,9 +442,7 @@ def main(
     common.print_table(list(records[0].keys()), rows)
     payload = {
         "config": vars(args),
-        "kernel_config": {
-            k: getattr(cfg, k) for k in ("chunks_per_step", "block_v", "num_warps", "num_stages")
-        },
+        "kernel_config": {"chunk": chunk, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
         "floors": {"flops": flops, "bytes": nbytes},
         "peaks": peaks,
         "stage_a": stage_a,
