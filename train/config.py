@@ -580,7 +580,8 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
     else:
         path = Path(source)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            problem = "is a directory; give a YAML file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {str(path)!r} {problem}")
         loaded = read_yaml(path)
         if loaded is None:
             loaded = {}

@@ -41,7 +41,7 @@ RESULT_FILE = "result.json"
 
 
 class Preempted(RuntimeError):
-    """A run was stopped by SIGTERM (its checkpoint is saved; re-run the experiment to resume)."""
+    """A run was stopped by SIGTERM or Ctrl-C (its checkpoint is saved; re-run the experiment to resume)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +223,9 @@ def execute(run: RunSpec) -> dict[str, Any]:
         trainer = Trainer(cfg, data_factory=_data_factory(run), echo=echo)
         result = trainer.run()
         if result.preempted:
-            raise Preempted(f"{run.key}: stopped at step {result.final_step} (SIGTERM); re-run to resume")
+            raise Preempted(
+                f"{run.key}: stopped at step {result.final_step} (SIGTERM / Ctrl-C); re-run to resume"
+            )
         t_train = time.perf_counter() - t0
 
         ck = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint)

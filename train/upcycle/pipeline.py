@@ -259,7 +259,8 @@ def _run_stages(
         result = trainer_factory(cfg).run()
         if result.preempted:
             echo(
-                f"== stage {name} stopped at step {result.final_step} (SIGTERM); run the command again to resume"
+                f"== stage {name} stopped at step {result.final_step} (SIGTERM / Ctrl-C); run the command again "
+                "to resume"
             )
             status[name] = "preempted"
             return {"stages": status, "export": None}
