@@ -91,6 +91,18 @@ def test_perplexity_equals_exp_mean_token_loss(tmp_path):
         perplexity(model, store, seq_len=seq_len, batch_size=batch, max_batches=1, progress=False)
 
 
+def test_multiple_choice_with_non_finite_scores_is_an_error():
+    from train.evaluate import check_mc_finite
+    from wuneng_jax.eval.multiple_choice import MCResult
+
+    def result(ll):
+        return MCResult(1.0, 1.0, 1, [[ll, -2.0]], [0], [0])
+
+    assert check_mc_finite(result(-1.0)).acc == 1.0
+    with pytest.raises(ValueError, match=r"1 choice log-likelihoods are nan or infinite \(not finite\)"):
+        check_mc_finite(result(float("nan")))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Scorer, rolling windows, multiple choice (successor model: known answers)
 # ----------------------------------------------------------------------------------------------------

@@ -33,6 +33,14 @@ from typing import Any
 # ----------------------------------------------------------------------------------------------------
 
 
+def _not_finite(what: str) -> ValueError:
+    """The error for a non-finite evaluation result (never reported as a number)."""
+    return ValueError(
+        f"{what} (not finite): the model's parameters are not finite (a diverged checkpoint?) or its logits "
+        "overflow in its compute dtype; check the checkpoint, or evaluate with --dtype float32"
+    )
+
+
 @dataclasses.dataclass
 class PerplexityResult:
     perplexity: float
@@ -146,11 +154,7 @@ def perplexity(
         raise ValueError(f"split {store.split!r} of {store.path} has no token to score (empty split?)")
     nll = ce / n
     if not math.isfinite(nll):
-        raise ValueError(
-            f"perplexity on split {store.split!r} of {store.path}: the loss is {nll} (not finite): the model's "
-            "parameters are not finite (a diverged checkpoint?) or its logits overflow in its compute dtype; "
-            "check the checkpoint, or evaluate with --dtype float32"
-        )
+        raise _not_finite(f"perplexity on split {store.split!r} of {store.path}: the loss is {nll}")
     return PerplexityResult(math.exp(nll), nll, int(n), len(ds), time.perf_counter() - t0)
 
 
@@ -218,11 +222,20 @@ def multiple_choice(
     max_length: int | None = None,
     progress: bool = True,
 ):
-    """``MCResult`` (acc, acc_norm) of ``model`` on ``questions``."""
+    """``MCResult`` (acc, acc_norm) of ``model`` on ``questions``; a non-finite log-likelihood is an error
+    (:func:`check_mc_finite`), not a guess."""
     from wuneng_jax.eval import LoglikelihoodScorer, score_multiple_choice
 
     scorer = LoglikelihoodScorer(model, batch_size=batch_size, max_length=max_length)
-    return score_multiple_choice(scorer, questions, progress=progress)
+    return check_mc_finite(score_multiple_choice(scorer, questions, progress=progress))
+
+
+def check_mc_finite(result: Any) -> Any:
+    """``result`` (an ``MCResult``) when every choice's log-likelihood is finite; else a ValueError."""
+    bad = sum(not math.isfinite(ll) for lls in result.loglikelihoods for ll in lls)
+    if bad:
+        raise _not_finite(f"multiple choice: {bad} choice log-likelihoods are nan or infinite")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------
