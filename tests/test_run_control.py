@@ -154,6 +154,19 @@ def test_a_second_lock_names_the_holder_and_release_frees_it(tmp_path):
         assert lock.took_over is None
 
 
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with RunLock(tmp_path):
+        pass
+    assert "cannot lock" in caplog.text and "would not be detected" in caplog.text
+
+
 KILLED_HOLDER = """
 import os, sys
 from train.run_lock import RunLock

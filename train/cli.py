@@ -170,17 +170,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._fn(args))
     except TrainingDiverged as e:
         return _error(args.command, e, 1)
-    except (ValueError, CheckpointError, RunLockError, CoordinatorUnreachable, FileNotFoundError) as e:
+    except (ValueError, CheckpointError, RunLockError, CoordinatorUnreachable, *_USER_OS_ERRORS) as e:
         return _error(args.command, e, 2)  # ConfigError, MeshError, StoreError are ValueErrors
     except KeyboardInterrupt:
         print(f"wuneng {args.command}: interrupted", file=sys.stderr)
         return ABORT_EXIT_CODE
 
 
+# Operating-system errors a user's paths cause (not bugs): reported as one line naming the path.
+_USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
 def _error(command: str, error: BaseException, code: int) -> int:
     """One line on stderr, ``wuneng COMMAND: error: ...``; returns the exit code."""
     text = str(error)
-    if isinstance(error, FileNotFoundError) and error.filename is not None and error.strerror:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
         text = f"{error.filename}: {error.strerror.lower()}"
     print(f"wuneng {command}: error: {text}", file=sys.stderr)
     return code

@@ -80,6 +80,12 @@ class RunLock:
                 f"{self.path.parent} is in use by another run: {_describe(holder)}; wait for it to finish or "
                 f"stop it, or choose another run directory"
             ) from None
+        except OSError as e:  # a file system without locks (some network / FUSE mounts)
+            os.close(fd)
+            log.warning(
+                "%s: cannot lock (%s); a second run into this directory would not be detected", self.path, e
+            )
+            return self
         previous = _read_holder(fd)
         if previous:
             self.took_over = _describe(previous)
