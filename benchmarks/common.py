@@ -13,7 +13,10 @@ from typing import Any
 
 import jax
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+#: where results go: benchmarks/results, or $WUNENG_RESULTS_DIR (benchmarks/gpu_check.sh points it at $OUT)
+RESULTS_DIR = os.environ.get("WUNENG_RESULTS_DIR") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results"
+)
 
 
 def time_fn(fn: Callable[[], Any], *, warmup: int = 2, reps: int = 5, min_time: float = 0.0) -> dict:

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import wkv7
+from pallas_kernels.wkv7 import IMPLS as WKV_IMPLS
 from wuneng_jax.config import register_family, register_preset
 from wuneng_jax.layers import rwkv7_ops as ops
 from wuneng_jax.layers.norms import GroupNorm, LayerNorm, group_norm
@@ -53,7 +54,6 @@ from wuneng_jax.sharding import (
 )
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-WKV_IMPLS = ("auto", "reference", "chunked")
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -134,7 +134,9 @@ class RWKV7Config:
                 )
         check_remat("RWKV7Config.remat", self.remat)
         if self.wkv_impl not in WKV_IMPLS:
-            raise ValueError(f"RWKV7Config.wkv_impl={self.wkv_impl!r} is unknown; use one of {WKV_IMPLS}")
+            raise ValueError(
+                f"RWKV7Config.wkv_impl={self.wkv_impl!r} is unknown; use one of {list(WKV_IMPLS)}"
+            )
         if self.wkv_chunk_size is not None and (
             isinstance(self.wkv_chunk_size, bool)
             or not isinstance(self.wkv_chunk_size, int | np.integer)
