@@ -92,6 +92,18 @@ def test_progress_bar_starts_after_the_first_step_compiled(tmp_path, monkeypatch
     assert len(created) == 1 and created[0][0] > compiled[0] and created[0][1] == 0
 
 
+def test_a_resume_that_changes_the_data_order_is_warned_about(interrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(interrupted[2], run_dir)
+    trainer, lines = stub_step_trainer(run_dir, steps=4, seq_len=64)
+    assert trainer.run().start_step == 3
+    assert (
+        "warning: resuming with seq_len=64, but the checkpoint was written with 128: the data read from here on "
+        "differs from the original run's"
+    ) in lines
+    assert sum(line.startswith("warning: resuming") for line in lines) == 1
+
+
 def test_a_checkpoint_without_its_data_state_says_so(interrupted, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(interrupted[2], run_dir)

@@ -140,8 +140,10 @@ class CountingBatches:
 
 def stub_step_trainer(run_dir: Path, *, loss: float = 1.0, skipped: int = 0, on_batch=None, **top: Any):
     """A Trainer of the tiny model whose train step is a plain function (nothing to compile): the state
-    passes through unchanged and every step reports ``loss`` / ``skipped``. Returns ``(trainer, lines)``,
+    passes through unchanged but for its step count, and every step reports ``loss`` / ``skipped``. Returns ``(trainer, lines)``,
     the lines it printed."""
+    import dataclasses
+
     import numpy as np
 
     from train.config import from_dict
@@ -162,5 +164,8 @@ def stub_step_trainer(run_dir: Path, *, loss: float = 1.0, skipped: int = 0, on_
         "z_loss": np.float32(0),
         "loss_tokens": np.float32(1),
     }
-    trainer.train_step = lambda state, batch, *extra: (state, metrics)
+    trainer.train_step = lambda state, batch, *extra: (
+        dataclasses.replace(state, step=state.step + 1),
+        metrics,
+    )
     return trainer, lines

@@ -130,6 +130,23 @@ class RunResult:
     preempted: bool
 
 
+# Fields that decide which tokens each step reads: a resume that changes one of them is warned about.
+_DATA_ORDER_FIELDS = ("seq_len", "global_batch_size", "seed", "data.store", "data.seed", "data.shuffle")
+
+
+_ABSENT = object()
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    """``tree["a"]["b"]`` for ``"a.b"``; ``_ABSENT`` when a key is missing."""
+    node: Any = tree
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return _ABSENT
+        node = node[key]
+    return node
+
+
 class TrainingDiverged(RuntimeError):
     """The run stopped because its steps kept producing a non-finite loss or gradient."""
 
@@ -449,6 +466,19 @@ class Trainer:
             )
         return out
 
+    def _resume_warnings(self, saved: dict[str, Any]) -> list[str]:
+        """Settings that changed since the checkpoint and change what the resumed steps read."""
+        now = self.resolved.to_dict()
+        out = []
+        for dotted in _DATA_ORDER_FIELDS:
+            old, new = _lookup(saved, dotted), _lookup(now, dotted)
+            if old is not _ABSENT and old != new:
+                out.append(
+                    f"warning: resuming with {dotted}={new!r}, but the checkpoint was written with {old!r}: "
+                    "the data read from here on differs from the original run's"
+                )
+        return out
+
     def _save_config(self) -> None:
         """``run_dir/config.yaml`` (atomically), once the run has started: a start that fails leaves an
         existing run's config alone."""
@@ -475,6 +505,8 @@ class Trainer:
             state = restored.state
             train_it.set_state(restored.data_state)
             self.echo(f"resumed from {self.checkpointer.directory / str(existing)} (step {existing})")
+            for line in self._resume_warnings(restored.meta.get("config") or {}):
+                self.echo(line)
         else:
             state = self._initial_state()
         if self.plan.teacher is not None:
