@@ -2,8 +2,11 @@
 
     python benchmarks/wkv7_cpu.py [--seq-lens 256 1024 4096 16384] [--chunk-size 16]
 
-Prints a table with ratios and writes ``benchmarks/results/wkv7_cpu_cpu.json``.
-Goal (issue 2): chunked >= 5x faster than the scan at T=4096 forward+backward, time linear in T.
+Columns: ``reference`` (sequential scan), ``chunked`` (the chunked form: what ``auto`` ran on CPU before the
+fused kernels) and ``auto`` (now: the scan for a forward-only call, the chunked form when differentiated), so the
+CPU path before and after is compared in one run. Prints a table with ratios and writes
+``benchmarks/results/wkv7_cpu_cpu.json``. Goals: chunked >= 5x faster than the scan at T=4096 forward+backward,
+time linear in T; a forward-only ``auto`` call no slower than the scan.
 """
 
 from __future__ import annotations
@@ -61,7 +64,11 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
 
-    impls = {"reference": build("reference", None), "chunked": build("chunked", args.chunk_size)}
+    impls = {
+        "reference": build("reference", None),
+        "chunked": build("chunked", args.chunk_size),
+        "auto": build("auto", args.chunk_size),
+    }
     rows, records = [], []
     for seq_len in args.seq_lens:
         xs = make_inputs(args.batch, seq_len, args.heads, args.head_size)
@@ -84,6 +91,10 @@ def main(argv=None) -> None:
             "chunked_fwd_bwd_ms": res["chunked", "fwd_bwd"] * 1e3,
             "fwd_bwd_speedup": res["reference", "fwd_bwd"] / res["chunked", "fwd_bwd"],
             "chunked_fwd_bwd_us_per_token": res["chunked", "fwd_bwd"] * 1e6 / (seq_len * args.batch),
+            "auto_fwd_ms": res["auto", "fwd"] * 1e3,
+            "auto_fwd_bwd_ms": res["auto", "fwd_bwd"] * 1e3,
+            "auto_vs_chunked_fwd": res["chunked", "fwd"] / res["auto", "fwd"],
+            "auto_vs_chunked_fwd_bwd": res["chunked", "fwd_bwd"] / res["auto", "fwd_bwd"],
         }
         records.append(row)
         rows.append(list(row.values()))

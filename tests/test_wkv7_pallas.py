@@ -233,3 +233,16 @@ def test_pallas_lowers_for_platform(platform, call, n, heads):
     assert text.count(call) == 1 and other not in text
     text = _lowered_text(jax.grad(loss, argnums=tuple(range(7))), [*args, reset], platform)
     assert text.count(call) == 2
+
+
+def test_every_family_accepts_exactly_the_ops_impl_names():
+    """One list of implementation names: the op's ``IMPLS`` is what rwkv7 and wuneng configs accept."""
+    from pallas_kernels.wkv7 import IMPLS
+    from wuneng_jax.config import load_model_config
+
+    for family, preset in (("rwkv7", "rwkv7_tiny"), ("wuneng", "wuneng_tiny")):
+        for impl in IMPLS:
+            cfg = load_model_config({"family": family, "preset": preset, "wkv_impl": impl})
+            assert cfg.wkv_impl == impl
+        with pytest.raises(ValueError, match="wkv_impl"):
+            load_model_config({"family": family, "preset": preset, "wkv_impl": "fused"})
