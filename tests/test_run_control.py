@@ -293,3 +293,33 @@ def test_an_unreachable_coordinator_is_waited_for_then_one_clear_error(tmp_path,
         f"wuneng train: error: process 1: the coordinator localhost:{port} did not answer within 2 s ("
     )
     assert "raise distributed.initialization_timeout" in err[-1]
+
+
+COORDINATOR_ALONE = """
+import sys
+from train.config import DistributedConfig
+from train.mesh import initialize_distributed
+cfg = DistributedConfig(
+    coordinator_address=sys.argv[1], num_processes=2, process_id=0, initialization_timeout=2
+)
+initialize_distributed(cfg)
+"""
+
+
+def test_a_coordinator_whose_peers_never_join_stops_with_one_error_not_an_abort():
+    address = f"localhost:{free_port()}"
+    proc = subprocess.run(
+        [PYTHON, "-c", COORDINATOR_ALONE, address],
+        env=subprocess_env(1),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]  # not SIGABRT (-6) from the runtime's check failure
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"wuneng: error: process 0 of 2: not all 2 processes joined at the coordinator {address} within 2 s; "
+        "start every process with the same distributed.coordinator_address and num_processes (process_id 0..1), "
+        "or raise distributed.initialization_timeout"
+    )
+    assert "Check failure" not in proc.stderr

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -194,29 +195,69 @@ def initialize_distributed(cfg: DistributedConfig) -> bool:
     if cfg.cpu_collectives != "none":
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
     if explicit:
-        jax.distributed.initialize(
-            coordinator_address=cfg.coordinator_address,
-            num_processes=cfg.num_processes,
-            process_id=cfg.process_id,
-            initialization_timeout=cfg.initialization_timeout,
-        )
+        with start_up_watchdog(cfg):
+            jax.distributed.initialize(
+                coordinator_address=cfg.coordinator_address,
+                num_processes=cfg.num_processes,
+                process_id=cfg.process_id,
+                initialization_timeout=cfg.initialization_timeout,
+            )
     else:
         jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout)
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
 
 
-WAIT_NOTICE_S = 10.0  # seconds between "waiting for coordinator" lines
+WAIT_NOTICE_S = 10.0  # seconds between "waiting for ..." lines
+_ABORT_MARGIN_S = 0.5  # the watchdog speaks this long before the runtime's own abort
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def start_up_watchdog(cfg: DistributedConfig, *, say: Callable[[str], None] = _stderr) -> Iterator[None]:
+    """Around ``jax.distributed.initialize``, which waits for every process to join and aborts the
+    process (a C++ check failure) at ``initialization_timeout``: a line every :data:`WAIT_NOTICE_S`
+    seconds while it waits, and just before that abort one error line and exit code 2 instead."""
+    done = threading.Event()
+    limit = cfg.initialization_timeout
+    start = time.monotonic()
+    deadline = start + max(limit - _ABORT_MARGIN_S, 0.1)
+    who = f"process {cfg.process_id} of {cfg.num_processes}"
+
+    def watch() -> None:
+        while not done.wait(max(min(WAIT_NOTICE_S, deadline - time.monotonic()), 0.0)):
+            if time.monotonic() >= deadline:
+                say(
+                    f"wuneng: error: {who}: not all {cfg.num_processes} processes joined at the coordinator "
+                    f"{cfg.coordinator_address} within {limit} s; start every process with the same "
+                    f"distributed.coordinator_address and num_processes (process_id 0..{cfg.num_processes - 1}), "
+                    "or raise distributed.initialization_timeout"
+                )
+                os._exit(2)
+            say(
+                f"waiting for all {cfg.num_processes} processes to join at coordinator {cfg.coordinator_address} "
+                f"({who}; {time.monotonic() - start:.0f} s of {limit} s)"
+            )
+
+    watcher = threading.Thread(target=watch, name="start-up-watchdog", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 def wait_for_coordinator(
-    cfg: DistributedConfig, *, say: Callable[[str], None] | None = None, poll_s: float = 0.5
+    cfg: DistributedConfig, *, say: Callable[[str], None] = _stderr, poll_s: float = 0.5
 ) -> None:
     """Wait until the coordinator's ``host:port`` accepts connections, printing a line every
     :data:`WAIT_NOTICE_S` seconds; raise :class:`CoordinatorUnreachable` after
     ``cfg.initialization_timeout`` seconds (instead of the runtime's abort deep inside
     ``jax.distributed.initialize``)."""
-    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     host, port = cfg.host_port()
     where = f"{host}:{port}"
     start = time.monotonic()
