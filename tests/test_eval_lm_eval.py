@@ -85,3 +85,21 @@ def test_lm_eval_local_tasks_end_to_end(tmp_path, monkeypatch):
     total = -((lo + 2 * hi) + (lo + hi))  # "abc" and "pq" after the EOS prefix, in nats
     assert out["succ_roll"]["word_perplexity,none"] == pytest.approx(math.exp(total / 2), rel=1e-4)
     assert out["succ_roll"]["bits_per_byte,none"] == pytest.approx(total / 5 / math.log(2), rel=1e-4)
+
+
+def test_adapter_command_pins_the_cpu_on_a_host_without_accelerators(monkeypatch):
+    """`python -m train.lm_eval_adapter` on a CPU host with libtpu installed: no TPU probe (JAX_PLATFORMS=cpu
+    is set before lm-eval starts the model)."""
+    import lm_eval.__main__
+
+    from train import lm_eval_adapter, platform
+
+    seen = []
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(platform, "gpu_visible", lambda: False)
+    monkeypatch.setattr("train.aot.topology.tpu_attached", lambda: False)
+    monkeypatch.setattr(
+        lm_eval.__main__, "cli_evaluate", lambda: seen.append(__import__("os").environ.get("JAX_PLATFORMS"))
+    )
+    lm_eval_adapter.main(["--help"])
+    assert seen == ["cpu"]

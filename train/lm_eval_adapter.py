@@ -268,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit("lm-eval is not installed: `pip install lm-eval`")
     from lm_eval.__main__ import cli_evaluate
 
+    from train.platform import pin_cpu_without_accelerator
+
+    pin_cpu_without_accelerator()  # before any JAX backend starts: no libtpu probe on a CPU host
+
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     cli_evaluate()
