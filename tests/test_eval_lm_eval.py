@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import lm_eval  # noqa: E402,F401  (in the dev extra: this test must run, not skip)
 import pytest
@@ -99,7 +100,7 @@ def test_adapter_command_pins_the_cpu_on_a_host_without_accelerators(monkeypatch
     monkeypatch.setattr(platform, "gpu_visible", lambda: False)
     monkeypatch.setattr("train.aot.topology.tpu_attached", lambda: False)
     monkeypatch.setattr(
-        lm_eval.__main__, "cli_evaluate", lambda: seen.append(__import__("os").environ.get("JAX_PLATFORMS"))
+        lm_eval.__main__, "cli_evaluate", lambda: seen.append(os.environ.get("JAX_PLATFORMS"))
     )
     lm_eval_adapter.main(["--help"])
     assert seen == ["cpu"]
