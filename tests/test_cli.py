@@ -172,3 +172,21 @@ def test_help_texts_name_no_issue_numbers():
     for module in ("wuneng_jax/params_report.py", "train/lm_eval_adapter.py"):
         texts[module] = ast.get_docstring(ast.parse((REPO / module).read_text())) or ""
     assert {k: pattern.findall(v) for k, v in texts.items() if pattern.search(v)} == {}
+
+
+def test_readme_and_docs_link_only_inside_the_repository():
+    """README.md and docs/ are read on a fresh clone: no web links, no paths outside the repository, and
+    every markdown link points at a file that exists."""
+    import re
+
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    bad = []
+    for page in pages:
+        text = page.read_text()
+        bad += [f"{page.name}: {url}" for url in re.findall(r"\bhttps?://\S+", text)]
+        bad += [f"{page.name}: {path}" for path in re.findall(r"`(\.\./[^`]*)`", text)]
+        for target in re.findall(r"\]\(([^)#\s]+)", text):
+            resolved = (page.parent / target).resolve()
+            if not (resolved.is_relative_to(REPO) and resolved.exists()):
+                bad.append(f"{page.name}: ({target})")
+    assert bad == []
