@@ -323,3 +323,25 @@ def test_a_coordinator_whose_peers_never_join_stops_with_one_error_not_an_abort(
         "or raise distributed.initialization_timeout"
     )
     assert "Check failure" not in proc.stderr
+
+
+def test_start_up_watchdog_of_a_detected_cluster_says_what_it_waits_for(monkeypatch):
+    from train import mesh
+    from train.config import DistributedConfig
+
+    monkeypatch.setattr(mesh, "WAIT_NOTICE_S", 0.2)
+    lines: list[str] = []
+    codes: list[int] = []
+    with mesh.start_up_watchdog(
+        DistributedConfig(initialization_timeout=1), say=lines.append, stop=codes.append
+    ):
+        time.sleep(1.0)  # the watchdog stops the start at 1 - 0.5 s, before the runtime's abort
+    assert codes == [2]
+    assert (
+        lines[0]
+        == "waiting for all processes to join at the cluster's coordinator (this process; 0 s of 1 s)"
+    )
+    assert lines[-1] == (
+        "wuneng: error: this process: not all processes joined at the cluster's coordinator within 1 s; check "
+        "that every host of the job started, or raise distributed.initialization_timeout"
+    )

@@ -203,7 +203,8 @@ def initialize_distributed(cfg: DistributedConfig) -> bool:
                 initialization_timeout=cfg.initialization_timeout,
             )
     else:
-        jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout)
+        with start_up_watchdog(cfg):
+            jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout)
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
 
@@ -217,29 +218,44 @@ def _stderr(text: str) -> None:
 
 
 @contextlib.contextmanager
-def start_up_watchdog(cfg: DistributedConfig, *, say: Callable[[str], None] = _stderr) -> Iterator[None]:
+def start_up_watchdog(
+    cfg: DistributedConfig,
+    *,
+    say: Callable[[str], None] = _stderr,
+    stop: Callable[[int], Any] = os._exit,
+) -> Iterator[None]:
     """Around ``jax.distributed.initialize``, which waits for every process to join and aborts the
     process (a C++ check failure) at ``initialization_timeout``: a line every :data:`WAIT_NOTICE_S`
-    seconds while it waits, and just before that abort one error line and exit code 2 instead."""
+    seconds while it waits, and just before that abort one error line and ``stop(2)`` (exit code 2)
+    instead."""
     done = threading.Event()
     limit = cfg.initialization_timeout
     start = time.monotonic()
     deadline = start + max(limit - _ABORT_MARGIN_S, 0.1)
-    who = f"process {cfg.process_id} of {cfg.num_processes}"
+    if cfg.coordinator_address is not None:  # explicit start-up
+        n = cfg.num_processes
+        who, all_, where = (
+            f"process {cfg.process_id} of {n}",
+            f"all {n}",
+            f"the coordinator {cfg.coordinator_address}",
+        )
+        fix = f"start every process with the same distributed.coordinator_address and num_processes (process_id 0..{n - 1})"
+    else:  # the cluster JAX detected (TPU pod, SLURM, Open MPI)
+        who, all_, where = "this process", "all", "the cluster's coordinator"
+        fix = "check that every host of the job started"
 
     def watch() -> None:
         while not done.wait(max(min(WAIT_NOTICE_S, deadline - time.monotonic()), 0.0)):
             if time.monotonic() >= deadline:
                 say(
-                    f"wuneng: error: {who}: not all {cfg.num_processes} processes joined at the coordinator "
-                    f"{cfg.coordinator_address} within {limit} s; start every process with the same "
-                    f"distributed.coordinator_address and num_processes (process_id 0..{cfg.num_processes - 1}), "
-                    "or raise distributed.initialization_timeout"
+                    f"wuneng: error: {who}: not {all_} processes joined at {where} within "
+                    f"{limit} s; {fix}, or raise distributed.initialization_timeout"
                 )
-                os._exit(2)
+                stop(2)
+                return
             say(
-                f"waiting for all {cfg.num_processes} processes to join at coordinator {cfg.coordinator_address} "
-                f"({who}; {time.monotonic() - start:.0f} s of {limit} s)"
+                f"waiting for {all_} processes to join at {where} ({who}; "
+                f"{time.monotonic() - start:.0f} s of {limit} s)"
             )
 
     watcher = threading.Thread(target=watch, name="start-up-watchdog", daemon=True)
