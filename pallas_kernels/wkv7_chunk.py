@@ -73,7 +73,7 @@ def unit_lower_inverse(m: jax.Array) -> jax.Array:
     return x
 
 
-def _interaction_matrices(r, log_w, k, a, b):
+def _interaction_matrices_tree(r, log_w, k, a, b):
     """The four decayed ``[L,L]`` interaction matrices of the chunk (rows ``[L,N]``, ``log_w`` finite, <= 0)::
 
         M_ab[t,s] = Σ_j a_t[j] b_s[j] e^{Σ_{s<u<t} ℓ_u[j]}   (s < t)      M_ak: k instead of b
@@ -109,13 +109,63 @@ def _interaction_matrices(r, log_w, k, a, b):
     return m_ab, m_ak, m_rb, m_rk
 
 
-def chunk_forward(s, r, log_w, k, v, a, b, reset=None):
-    """One chunk. ``s`` ``[N,N]`` (value rows x key columns); ``r, log_w, k, v, a, b`` ``[L,N]`` (L a power of
-    two) in ``s``'s dtype; ``reset`` ``[L,1]`` bool or None. Returns ``y`` ``[L,N]`` and the next state ``[N,N]``."""
+def centred_bound(chunk: int) -> float:
+    """Largest ``|ℓ|`` for which the centred factors stay within ``e^{±30}`` (RWKV-7: ``|ℓ| < e^{-1/2}``)."""
+    return 60.0 / (chunk + 2)
+
+
+def _interaction_matrices_centred(r, log_w, k, a, b, before):
+    """The same four matrices as four plain ``[L,N] x [N,L]`` products, valid while ``|ℓ| <=
+    centred_bound(L)``: ``e^{Σ_{s<u<t} ℓ_u} = e^{Γ⁻_t - ρ} e^{ρ - Γ⁻_s - ℓ_s}`` with ``ρ`` the prefix sum at the
+    chunk's middle row, so both factors stay within ``e^{±(L/2)|ℓ|max}`` (fla's "safe gate")."""
+    size = log_w.shape[0]
+    dtype = log_w.dtype
+    t, s = _masks(size)
+    rho = _dot(_mask(s < size // 2, dtype), log_w)  # every row: Σ_{u < L/2} ℓ_u (no value slicing in Triton)
+    a_f, r_f = a * jnp.exp(before - rho), r * jnp.exp(before + log_w - rho)
+    right = jnp.exp(rho - before - log_w)
+    b_f, k_f = b * right, k * right
+    lower, strict = _mask(t >= s, dtype), _mask(t > s, dtype)
+    return (
+        _dot(a_f, b_f, 1, 1) * strict,
+        _dot(a_f, k_f, 1, 1) * strict,
+        _dot(r_f, b_f, 1, 1) * lower,
+        _dot(r_f, k_f, 1, 1) * lower,
+    )
+
+
+def _is_bounded(log_w: jax.Array) -> jax.Array:
+    """Whether the centred products are exact for this chunk (``log_w`` after resets and the floor)."""
+    return jnp.min(log_w) >= -centred_bound(log_w.shape[0])
+
+
+def _interaction_matrices(r, log_w, k, a, b, before, tree: bool | None):
+    """``tree=None``: the centred products when every decay of the chunk allows them (always, for RWKV-7),
+    else the exact tree, a per-chunk branch inside the kernel (the tree costs ``log2 L`` times the matmuls);
+    ``True`` / ``False`` force one."""
+    if tree is None:
+        return jax.lax.cond(
+            _is_bounded(log_w),
+            lambda: _interaction_matrices_centred(r, log_w, k, a, b, before),
+            lambda: _interaction_matrices_tree(r, log_w, k, a, b),
+        )
+    if tree:
+        return _interaction_matrices_tree(r, log_w, k, a, b)
+    return _interaction_matrices_centred(r, log_w, k, a, b, before)
+
+
+def _decays(log_w, a, reset):
+    """Resets folded into the decays (ℓ = -inf, a = 0 at a reset token), ℓ clamped to the finite floor."""
     if reset is not None:
         log_w = jnp.where(reset, LOG_DECAY_FLOOR, log_w)
         a = jnp.where(reset, 0.0, a)
-    log_w = jnp.maximum(log_w, LOG_DECAY_FLOOR)
+    return jnp.maximum(log_w, LOG_DECAY_FLOOR), a
+
+
+def chunk_forward(s, r, log_w, k, v, a, b, reset=None, *, tree: bool | None = None):
+    """One chunk. ``s`` ``[N,N]`` (value rows x key columns); ``r, log_w, k, v, a, b`` ``[L,N]`` (L a power of
+    two) in ``s``'s dtype; ``reset`` ``[L,1]`` bool or None. Returns ``y`` ``[L,N]`` and the next state ``[N,N]``."""
+    log_w, a = _decays(log_w, a, reset)
     size = log_w.shape[0]
     dtype = log_w.dtype
     t, u = _masks(size)
@@ -126,7 +176,7 @@ def chunk_forward(s, r, log_w, k, v, a, b, reset=None):
     r_tilde = r * jnp.exp(before + log_w)
     b_bar = b * jnp.exp(later)
     k_bar = k * jnp.exp(later)
-    m_ab, m_ak, m_rb, m_rk = _interaction_matrices(r, log_w, k, a, b)
+    m_ab, m_ak, m_rb, m_rk = _interaction_matrices(r, log_w, k, a, b, before, tree)
     t_inv = unit_lower_inverse(m_ab)
     w_wy = _dot(t_inv, a_tilde)  # [L, N_k]
     u_wy = _dot(t_inv, _dot(m_ak, v))  # [L, N_v]
@@ -138,22 +188,30 @@ def chunk_forward(s, r, log_w, k, v, a, b, reset=None):
 
 def chunk_backward(s, r, log_w, k, v, a, b, reset, dy, ds_next):
     """Cotangents of :func:`chunk_forward`'s inputs ``(ds, dr, dlog_w, dk, dv, da, db)`` from those of its
-    outputs ``(dy, ds_next)``, by recomputing the chunk (``jax.vjp``; runs inside the backward kernels)."""
-    fwd = lambda *xs: chunk_forward(*xs, reset)
-    _, vjp = jax.vjp(fwd, s, r, log_w, k, v, a, b)
-    return vjp((dy, ds_next))
+    outputs ``(dy, ds_next)``, by recomputing the chunk (``jax.vjp``; runs inside the backward kernels). The
+    branch between centred and tree products is taken outside the ``vjp`` (Mosaic cannot lower the
+    differentiated ``cond``), on the same condition as the forward."""
+
+    def grads(tree: bool):
+        fwd = lambda *xs: chunk_forward(*xs, reset, tree=tree)
+        _, vjp = jax.vjp(fwd, s, r, log_w, k, v, a, b)
+        return tuple(vjp((dy, ds_next)))
+
+    bounded = _is_bounded(_decays(log_w, a, reset)[0])
+    return jax.lax.cond(bounded, lambda: grads(False), lambda: grads(True))
 
 
-def chunk_flops(chunk: int, n: int) -> tuple[int, int]:
-    """Matmul FLOPs and ``exp`` count of one :func:`chunk_forward` (for the kernels' cost estimates)."""
+def chunk_flops(chunk: int, n: int, tree: bool = False) -> tuple[int, int]:
+    """Matmul FLOPs and ``exp`` count of one :func:`chunk_forward`, on the centred path (what RWKV-7's decays
+    take) or the tree (the kernels' cost estimates declare the centred one)."""
     levels = chunk.bit_length() - 1
+    interactions = (
+        6 * levels if tree else 5
+    )  # per level: 2 segment sums + 4 products; centred: ρ + 4 products
     flops = (
-        2
-        * chunk
-        * chunk
-        * n
-        * (2 + 6 * levels + 5)  # prefix/suffix sums, tree levels, WY and output products
+        2 * chunk * chunk * n * (2 + interactions + 5)  # prefix/suffix sums, interactions, WY and outputs
         + 4 * chunk**3 * max(levels - 1, 0)  # ladder inverse
         + 8 * chunk * n * n  # W Sᵀ, R̃ Sᵀ, SAᵀ B̄, Vᵀ K̄
     )
-    return flops, (3 + 3 * levels) * chunk * n + n
+    exps = (3 + (3 * levels if tree else 3)) * chunk * n + n
+    return flops, exps

@@ -18,7 +18,7 @@ from wkv7_cases import CASES, make_case, numpy_recurrence, rel_err
 
 from pallas_kernels import wkv7
 from pallas_kernels.wkv7 import _resolve_impl
-from pallas_kernels.wkv7_chunk import chunk_forward, unit_lower_inverse
+from pallas_kernels.wkv7_chunk import _is_bounded, chunk_forward, unit_lower_inverse
 from pallas_kernels.wkv7_fused import FusedConfig, wkv7_fused
 
 TOL_F32 = 1e-5  # max|Δ| / max|ref|, forward, float32 (rwkv7-and-kernels.md §7.4)
@@ -34,6 +34,7 @@ def _fused_fn(variant: str, chunk: int = 16):
 
 
 FUSED_16 = {variant: _fused_fn(variant) for variant in VARIANTS}
+CHUNK_FORWARD = {tree: jax.jit(functools.partial(chunk_forward, tree=tree)) for tree in (None, True, False)}
 
 # ------------------------------------------------------------------------------------------------ chunk algebra
 
@@ -46,15 +47,27 @@ def test_unit_lower_inverse_is_the_inverse_float64():
     assert np.max(np.abs(got @ (np.eye(32) - m) - np.eye(32))) < 1e-9
 
 
-@pytest.mark.parametrize("name", ["decay_near_zero", "mixed_decays", "log_w_extreme"])
-def test_one_chunk_float64_matches_the_loop(name):
-    """The closed form of one chunk (L = 32), decays down to -inf, against the loop: exact to rounding."""
+@pytest.mark.parametrize(
+    "name,bounded",
+    [
+        ("realistic", True),
+        ("decay_floor", True),
+        ("decay_near_zero", False),
+        ("mixed_decays", False),
+        ("log_w_extreme", False),
+    ],
+)
+def test_one_chunk_float64_matches_the_loop(name, bounded):
+    """The closed form of one chunk (L = 32) against the loop, exact to rounding: the automatic choice, and each
+    path forced (the centred products only where RWKV-7-like decays allow them; the tree everywhere, -inf too)."""
     x = make_case(name, 1, 32, 1, 16, seed=3)
     o_np, s_np = numpy_recurrence(*x)
     with jax.enable_x64(True):
         rows = [jnp.asarray(v[0, :, 0], jnp.float64) for v in x[:6]]
-        y, s = jax.jit(chunk_forward)(jnp.asarray(x[6][0, 0], jnp.float64), *rows)
-    assert rel_err(y, o_np[0, :, 0]) < TOL_F64 and rel_err(s, s_np[0, 0]) < TOL_F64
+        assert bool(_is_bounded(rows[1])) == bounded
+        for tree in (None, True) + ((False,) if bounded else ()):
+            y, s = CHUNK_FORWARD[tree](jnp.asarray(x[6][0, 0], jnp.float64), *rows)
+            assert rel_err(y, o_np[0, :, 0]) < TOL_F64 and rel_err(s, s_np[0, 0]) < TOL_F64, tree
 
 
 # ------------------------------------------------------------------------------------------------ fused kernels
