@@ -1,7 +1,7 @@
 """wkv7 on an accelerator: impl="pallas" vs impl="chunked" (XLA) vs fla's Triton ``chunk_rwkv7``, same device,
 same run, forward and forward+backward, with the FLOP and byte floors of the problem and the achieved fraction.
 
-    python benchmarks/wkv7_gpu.py                       # B=8 T=4096 H=64 N=64, bf16 inputs (issue 3 shape)
+    python benchmarks/wkv7_gpu.py                       # B=8 T=4096 H=64 N=64, bf16 inputs (the benchmark shape)
     python benchmarks/wkv7_gpu.py --smoke               # tiny shape, runs anywhere (CPU: Pallas interpreter)
     python benchmarks/wkv7_gpu.py --chunk-size 32 --num-warps 8 --num-stages 2
     python benchmarks/wkv7_gpu.py --sweep               # + the fused kernel over chunk / warps / stages
