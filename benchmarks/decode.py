@@ -42,7 +42,7 @@ FAMILIES = ("qwen2", "rwkv7", "wuneng")
 def make_configs(args: argparse.Namespace) -> dict:
     from wuneng_jax.models.qwen2 import Qwen2Config
     from wuneng_jax.models.rwkv7 import RWKV7Config
-    from wuneng_jax.models.wuneng import wuneng_config_from_qwen2
+    from wuneng_jax.models.wuneng_config import wuneng_config_from_qwen2
 
     qwen = Qwen2Config(
         vocab_size=args.vocab,

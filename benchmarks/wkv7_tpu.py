@@ -37,7 +37,6 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import print_table, write_results  # noqa: E402
 from pallas_kernels import wkv7  # noqa: E402
-from pallas_kernels.wkv7 import set_partition_resolver  # noqa: E402
 from pallas_kernels.wkv7_fused import tpu_head_group  # noqa: E402
 from train.aot.kernels import op_mesh  # noqa: E402
 
@@ -75,7 +74,8 @@ def compile_one(topology: str, impl: str, chunk: int | None, shape, backward: bo
 
     def fwd(*xs):
         r, log_w, k, v, a, b, _ = (x.reshape(bsz, seq_len, heads, n) for x in xs)
-        o, state = wkv7(r, log_w, k, v, a, b, impl=impl, chunk_size=chunk)
+        # the kernel's shard_map keeps the inputs' split
+        o, state = wkv7(r, log_w, k, v, a, b, impl=impl, chunk_size=chunk, partition=("data", "tensor"))
         return o.reshape(xs[0].shape), state  # [B,T,H·N], as the layer consumes it
 
     def loss(*xs):
@@ -83,7 +83,6 @@ def compile_one(topology: str, impl: str, chunk: int | None, shape, backward: bo
         return jnp.sum(o.astype(jnp.float32) * xs[-1].astype(jnp.float32))
 
     fn = jax.grad(loss, argnums=tuple(range(6))) if backward else fwd
-    set_partition_resolver(lambda _mesh: ("data", "tensor"))  # the kernel's shard_map keeps the inputs' split
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = jax.jit(fn).trace(*args).lower().compile()

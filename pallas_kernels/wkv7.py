@@ -1,4 +1,4 @@
-"""Public RWKV-7 recurrence op: ``wkv7(r, log_w, k, v, a, b, initial_state, *, reset, impl, chunk_size)``.
+"""Public RWKV-7 recurrence op: ``wkv7(r, log_w, k, v, a, b, initial_state, *, reset, impl, ...)``.
 
 One function, several implementations with identical semantics (``ARCHITECTURE.md`` §3):
 
@@ -12,18 +12,17 @@ One function, several implementations with identical semantics (``ARCHITECTURE.m
 
 Under a mesh (``jax.set_mesh``), ``impl="pallas"`` runs inside ``jax.shard_map``: XLA cannot partition a Mosaic
 kernel (``"wrap the call in a shard_map"``), and the recurrence is independent per batch element and head, so
-each device runs the kernel on its own ``[B/.., T, H/.., N]`` block (the sequence axis is gathered). Which mesh
-axes shard batch and heads is asked of the function registered with :func:`set_partition_resolver` (the model
-library maps its logical axis names there); without one, batch takes the mesh axes (of size > 1) that divide
-it, in mesh order, and heads the remaining ones. A one-device mesh, or a call already inside ``shard_map`` over
-every mesh axis, is left as is.
+each device runs the kernel on its own ``[B/.., T, H/.., N]`` block (the sequence axis is gathered). The caller
+says which mesh axes shard batch and heads (``partition=(batch_axes, head_axes)``; the model library derives
+them from its logical axis rules); without it, batch takes the mesh axes (of size > 1) that divide it, in mesh
+order, and heads the remaining ones. A one-device mesh, or a call already inside ``shard_map`` over every mesh
+axis, is left as is.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +35,8 @@ from pallas_kernels.wkv7_reference import wkv7_reference
 
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
 MeshAxes = str | tuple[str, ...] | None
-#: ``resolver(mesh) -> (batch_axes, head_axes)`` or None (use the default); see :func:`set_partition_resolver`.
-PartitionResolver = Callable[[jax.sharding.AbstractMesh], tuple[MeshAxes, MeshAxes] | None]
-_partition_resolver: PartitionResolver | None = None
+#: ``(batch_axes, head_axes)``: the mesh axes of the ``B`` and ``H`` dims of ``[B,T,H,N]`` under a mesh
+Partition = tuple[MeshAxes, MeshAxes]
 #: every implementation name, shared by the op and the model families' ``wkv_impl``
 IMPLS = ("auto", "reference", "chunked", "pallas")
 
@@ -88,18 +86,6 @@ def _validate(r, log_w, k, v, a, b, initial_state, reset, impl, chunk_size) -> N
             )
 
 
-def set_partition_resolver(resolver: PartitionResolver | None) -> PartitionResolver | None:
-    """Register how ``impl="pallas"`` shards batch and heads under a mesh; returns the previous resolver.
-
-    ``resolver(abstract_mesh)`` returns ``(batch_axes, head_axes)`` (a mesh axis name, a tuple of names, or
-    None each) for the current context, or None to fall back to the default (see the module docstring). Axes
-    whose size does not divide the batch / head count are dropped (those dims are then replicated).
-    """
-    global _partition_resolver
-    previous, _partition_resolver = _partition_resolver, resolver
-    return previous
-
-
 def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
     if axes is None:
         return ()
@@ -116,12 +102,17 @@ def _fit_axes(axes: MeshAxes, size: int, mesh, free: set[str]) -> tuple[str, ...
     return tuple(out)
 
 
-def _kernel_partition(mesh, bsz: int, heads: int) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    """Mesh axes ``(batch, heads)`` for the shard_map around the kernel; None = no shard_map needed."""
+def _kernel_partition(
+    mesh, bsz: int, heads: int, wanted: Partition | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """Mesh axes ``(batch, heads)`` for the shard_map around the kernel; None = no shard_map needed.
+
+    ``wanted``: the caller's ``(batch_axes, head_axes)``; axes that are manual already, or whose size does
+    not divide the batch / head count, are dropped (those dims are then replicated). None: the default.
+    """
     free = {a for a in mesh.axis_names if a not in mesh.manual_axes}
     if math.prod(mesh.shape[a] for a in free) <= 1:
         return None
-    wanted = _partition_resolver(mesh) if _partition_resolver is not None else None
     if wanted is None:
         order = [a for a in mesh.axis_names if a in free and mesh.shape[a] > 1]
         batch = _fit_axes(tuple(order), bsz, mesh, free)
@@ -184,6 +175,7 @@ def wkv7(
     reset: jax.Array | None = None,
     impl: str = "auto",
     chunk_size: int | None = None,
+    partition: Partition | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The RWKV-7 generalized delta rule over a sequence, per batch element and head.
 
@@ -199,20 +191,26 @@ def wkv7(
       impl: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"pallas"``.
       chunk_size: chunk length of the chunked implementations, a power of two (default 16 for
         ``"chunked"``; for ``"pallas"`` (>= 16) 64 on TPU and 16 on GPU).
+      partition: ``(batch_axes, head_axes)``, the mesh axes (a name, a tuple of names, or None each) that
+        shard ``B`` and ``H`` of the inputs; ``impl="pallas"`` under a mesh runs the kernel in a
+        ``shard_map`` split that way (module docstring). None: batch over the mesh axes that divide it,
+        heads over the rest. Ignored without a mesh and by the other implementations.
 
     Returns:
       ``o`` ``[B,T,H,N]`` in r's dtype, and the final state ``[B,H,N,N]`` in float32 (float64 when the
       inputs are float64 under ``jax_enable_x64``). State and accumulation are float32 whatever the inputs.
     """
     _validate(r, log_w, k, v, a, b, initial_state, reset, impl, chunk_size)
+    if partition is not None and not (isinstance(partition, tuple) and len(partition) == 2):
+        raise ValueError(f"wkv7: partition must be a pair (batch_axes, head_axes), got {partition!r}")
     impl = _resolve_impl(impl)
     chunk = chunk_size or _default_chunk(impl)
     call = functools.partial(_wkv7_jit, impl=impl, chunk_size=chunk)
     mesh = jax.sharding.get_abstract_mesh()
     if impl == "pallas" and not mesh.empty:
-        partition = _kernel_partition(mesh, r.shape[0], r.shape[2])
-        if partition is not None:
-            return _shard_mapped(call, mesh, partition, r, log_w, k, v, a, b, initial_state, reset)
+        axes = _kernel_partition(mesh, r.shape[0], r.shape[2], partition)
+        if axes is not None:
+            return _shard_mapped(call, mesh, axes, r, log_w, k, v, a, b, initial_state, reset)
     return call(r, log_w, k, v, a, b, initial_state, reset)
 
 

@@ -23,7 +23,8 @@ from flax import nnx
 from wuneng_jax.decode import Decoder, left_pad
 from wuneng_jax.models.qwen2 import Qwen2, Qwen2Config
 from wuneng_jax.models.rwkv7 import RWKV7, RWKV7Config
-from wuneng_jax.models.wuneng import WuNeng, wuneng_config_from_qwen2
+from wuneng_jax.models.wuneng import WuNeng
+from wuneng_jax.models.wuneng_config import wuneng_config_from_qwen2
 
 QWEN2 = Qwen2Config(
     vocab_size=64,

@@ -8,7 +8,7 @@ import pytest
 from wuneng_cases import QCFG, wcfg
 
 from wuneng_jax.config import preset
-from wuneng_jax.models.wuneng import WuNengConfig
+from wuneng_jax.models.wuneng_config import WuNengConfig
 from wuneng_jax.params_report import hybrid_layer_params, main, param_report, variants_table
 
 

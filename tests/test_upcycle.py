@@ -14,7 +14,8 @@ from wuneng_cases import COMBOS, HYBRID, QCFG, SEG, B, T, combo_id, maxabs, rand
 
 from wuneng_jax.convert.upcycle import upcycle_qwen2
 from wuneng_jax.models.qwen2 import Qwen2DecoderLayer
-from wuneng_jax.models.wuneng import WuNengDecoderLayer, hybrid_param_names
+from wuneng_jax.models.wuneng_layer import WuNengDecoderLayer
+from wuneng_jax.models.wuneng_params import hybrid_param_names
 
 TOK = tokens(1, B, T)
 

@@ -32,7 +32,7 @@ from wuneng_jax import config as mc
 from wuneng_jax.convert.upcycle import upcycle_qwen2
 from wuneng_jax.models import build_model
 from wuneng_jax.models.qwen2 import Qwen2
-from wuneng_jax.models.wuneng import hybrid_param_names
+from wuneng_jax.models.wuneng_params import hybrid_param_names
 
 TINY = REPO / "configs" / "upcycle" / "tiny.yaml"
 PIPE = yaml.safe_load(TINY.read_text())

@@ -34,12 +34,10 @@ from wuneng_jax.config import config_from_dict, config_to_dict, load_model_confi
 from wuneng_jax.convert.upcycle import upcycle_qwen2
 from wuneng_jax.models import build_model
 from wuneng_jax.models.qwen2 import Qwen2DecoderLayer
-from wuneng_jax.models.wuneng import (
-    WuNeng,
-    WuNengConfig,
-    WuNengDecoderLayer,
-    hybrid_param_names,
-)
+from wuneng_jax.models.wuneng import WuNeng
+from wuneng_jax.models.wuneng_config import WuNengConfig
+from wuneng_jax.models.wuneng_layer import WuNengDecoderLayer
+from wuneng_jax.models.wuneng_params import hybrid_param_names
 
 REPO = Path(__file__).resolve().parents[1]
 TOK = tokens(2, B, T)

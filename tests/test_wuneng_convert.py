@@ -16,7 +16,7 @@ from wuneng_jax.convert.hf_qwen2 import hf_param_map, load_qwen2
 from wuneng_jax.convert.hf_wuneng import HYBRID_KEYS, load_wuneng, save_wuneng, wuneng_config_from_hf
 from wuneng_jax.convert.safetensors_io import read_safetensors_dir, write_safetensors_dir
 from wuneng_jax.convert.upcycle import upcycle_qwen2
-from wuneng_jax.models.wuneng import hybrid_param_names
+from wuneng_jax.models.wuneng_params import hybrid_param_names
 
 TOK = tokens(4, *TOK_SHAPE)
 

@@ -15,7 +15,9 @@ import numpy as np
 from flax import nnx
 
 from wuneng_jax.models.qwen2 import Qwen2, Qwen2Config
-from wuneng_jax.models.wuneng import WuNeng, WuNengConfig, hybrid_param_names
+from wuneng_jax.models.wuneng import WuNeng
+from wuneng_jax.models.wuneng_config import WuNengConfig
+from wuneng_jax.models.wuneng_params import hybrid_param_names
 
 # GQA ratio 2, head_dim 16, distinct LoRA ranks (swapped ranks would fail shape checks), T not a
 # multiple of the chunk size.

@@ -94,7 +94,7 @@ def _init_fn(
     return init
 
 
-def _specs_to_shardings(specs: Any, mesh: Mesh) -> Any:
+def specs_to_shardings(specs: Any, mesh: Mesh) -> Any:
     """PartitionSpec tree (possibly inside Variables) -> NamedSharding on the concrete mesh."""
     return jax.tree.map(
         lambda s: NamedSharding(mesh, s if isinstance(s, PartitionSpec) else PartitionSpec()),
@@ -120,7 +120,7 @@ def make_layout(
     with mesh_context(mesh, rules):
         graphdef, abstract = nnx.eval_shape(init)
         specs = nnx.get_partition_spec(abstract)
-    shardings = _specs_to_shardings(specs, mesh)
+    shardings = specs_to_shardings(specs, mesh)
     _check_shardable(abstract, shardings)
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -244,6 +244,7 @@ __all__ = [
     "init_state",
     "make_layout",
     "param_shapes",
+    "specs_to_shardings",
     "state_from_params",
     "trainable_part",
 ]

@@ -23,8 +23,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wuneng_jax.config import count_params, preset
-from wuneng_jax.models.wuneng import WuNengConfig, hybrid_param_names, init_hybrid_params
+from wuneng_jax.models import count_params
+from wuneng_jax.models.registry import preset
+from wuneng_jax.models.wuneng_config import WuNengConfig
+from wuneng_jax.models.wuneng_params import hybrid_param_names, init_hybrid_params
 
 DEFAULT_PRESETS = ("wuneng_tiny", "wuneng-0.5b", "wuneng-1.5b", "wuneng-7b")
 VARIANT_PRESETS = ("wuneng-1.5b", "wuneng-7b")

@@ -240,7 +240,7 @@ def _restore_run_params(src: Source, cfg: Any, mesh, rules: Rules) -> nnx.Module
     ``cfg.param_dtype``). Only ``params`` is read (partial restore), not the optimizer state."""
     import orbax.checkpoint as ocp
 
-    from train.state import _specs_to_shardings
+    from train.state import specs_to_shardings as _specs_to_shardings
     from wuneng_jax.models import build_model
 
     with mesh_context(mesh, rules):
@@ -275,7 +275,7 @@ def _restore_run_params(src: Source, cfg: Any, mesh, rules: Rules) -> nnx.Module
 
 def _random_model(cfg: Any, seed: int, mesh, rules: Rules) -> nnx.Module:
     """``build_model(cfg, rngs=Rngs(seed))``, initialised in one jitted call directly into its shards."""
-    from train.state import _specs_to_shardings
+    from train.state import specs_to_shardings as _specs_to_shardings
     from wuneng_jax.models import build_model
 
     def init() -> Any:

@@ -40,7 +40,7 @@ class TeacherPlan:
 
     def _abstract(self, mesh, rules: Rules) -> tuple[Any, Any]:
         """(abstract parameter State, its NamedShardings) as built under ``mesh``/``rules``."""
-        from train.state import _specs_to_shardings
+        from train.state import specs_to_shardings as _specs_to_shardings
 
         with mesh_context(mesh, rules):
             abstract = nnx.state(nnx.eval_shape(lambda: Qwen2(self.cfg, rngs=nnx.Rngs(0))), nnx.Param)

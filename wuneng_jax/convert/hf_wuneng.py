@@ -7,7 +7,7 @@
   ``middle_out_rank``).
 * Tensors: the Qwen2 part under Hugging Face Qwen2 names and layout (:func:`hf_param_map`; linear weights
   ``[out, in]``); every new parameter of hybrid layer ``i`` as ``model.layers.{i}.self_attn.{name}`` with
-  ``name`` from :func:`wuneng_jax.models.wuneng.hybrid_param_names` in this library's layout (no transpose;
+  ``name`` from :func:`wuneng_jax.models.wuneng_params.hybrid_param_names` in this library's layout (no transpose;
   ``y = x @ W`` for matrices).
 
 Saving then loading float32 (or bfloat16 saved as bfloat16) parameters round-trips bit for bit.
@@ -35,7 +35,9 @@ from wuneng_jax.convert.hf_qwen2 import (
 )
 from wuneng_jax.convert.safetensors_io import read_safetensors_dir, write_safetensors_dir
 from wuneng_jax.models.qwen2 import Qwen2Config
-from wuneng_jax.models.wuneng import WuNeng, WuNengConfig, hybrid_param_names
+from wuneng_jax.models.wuneng import WuNeng
+from wuneng_jax.models.wuneng_config import WuNengConfig
+from wuneng_jax.models.wuneng_params import hybrid_param_names
 
 CONFIG_FILE = "config.json"
 MODEL_TYPE = "wuneng"

@@ -1,7 +1,7 @@
 """Upcycling: a ``qwen2`` model -> a ``wuneng`` model that computes exactly the same logits at step 0.
 
 The recipe of ``ARCHITECTURE.md`` §2: embeddings, norms, ``W_Q, W_K, W_V, W_O``, biases, MLP and head are
-copied; every hybrid layer's new parameters come from :func:`wuneng_jax.models.wuneng.init_hybrid_params`
+copied; every hybrid layer's new parameters come from :func:`wuneng_jax.models.wuneng_params.init_hybrid_params`
 (``W_R̂`` = group-mean of the query projection, ``W_κ`` = the key projection, RWKV-7 LoRAs / decay biases /
 lerps from RWKV-7's init recipe, every fusion / λ parameter at the value that makes the layer equal to the
 plain attention layer). Nothing of the size of the base model is allocated twice: the WuNeng model is
@@ -26,7 +26,9 @@ from flax import nnx
 
 from wuneng_jax.layers.params import place
 from wuneng_jax.models.qwen2 import Qwen2, Qwen2Config
-from wuneng_jax.models.wuneng import WuNeng, WuNengConfig, init_hybrid_params, wuneng_config_from_qwen2
+from wuneng_jax.models.wuneng import WuNeng
+from wuneng_jax.models.wuneng_config import WuNengConfig, wuneng_config_from_qwen2
+from wuneng_jax.models.wuneng_params import init_hybrid_params
 
 
 def _resolve(model: nnx.Module, path: tuple[Any, ...]) -> Any:
@@ -52,7 +54,7 @@ def upcycle_qwen2(
       ``(cfg, model)``; parameters are cast to ``cfg.param_dtype`` and, under a mesh with logical rules,
       placed with their shardings.
     """
-    if not isinstance(qwen2_model, Qwen2):
+    if type(qwen2_model) is not Qwen2:  # a WuNeng is a Qwen2 subclass, not a source
         raise ValueError(f"upcycle_qwen2: expected a Qwen2 model, got {type(qwen2_model).__name__}")
     if not isinstance(qwen2_cfg, Qwen2Config) or isinstance(qwen2_cfg, WuNengConfig):
         raise ValueError(f"upcycle_qwen2: expected a Qwen2Config, got {type(qwen2_cfg).__name__}")

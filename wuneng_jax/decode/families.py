@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wuneng_jax.config import family_of
 from wuneng_jax.decode.state import DecodeState, KVCache, init_kv_cache
 from wuneng_jax.layers import rwkv7_ops as ops
 from wuneng_jax.layers.attention import dot_product_attention, reference_attention
 from wuneng_jax.layers.rope import RopeTables, apply_rope, rope_tables
+from wuneng_jax.models.registry import family_of
 from wuneng_jax.sharding import ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, BATCH, LENGTH, constrain
 
 FAMILIES = ("qwen2", "rwkv7", "wuneng")
@@ -250,7 +250,7 @@ class _wkv_impl:
 
 
 def _wuneng_forward(model, tokens, valid, state: DecodeState, *, last_only: bool):
-    from wuneng_jax.models.wuneng import WuNengDecoderLayer, hybrid_attention
+    from wuneng_jax.models.wuneng_layer import WuNengDecoderLayer, hybrid_attention
 
     cfg = model.cfg
     t = tokens.shape[1]
@@ -273,7 +273,6 @@ def _wuneng_forward(model, tokens, valid, state: DecodeState, *, last_only: bool
                 layer.self_attn.params(),
                 layer.input_layernorm(h),
                 cfg=wkv_cfg,
-                rope=rope,
                 segment_ids=seg,  # with a given state: resets at later document starts only
                 state=state.recurrent[i],
                 attend=lambda q, k, v, i=i: attn(i, q, k, v),

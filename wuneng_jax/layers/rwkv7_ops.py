@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import spmd
 
-from pallas_kernels.wkv7 import set_partition_resolver
+from pallas_kernels.wkv7 import Partition
 from wuneng_jax.layers.packing import document_starts
 from wuneng_jax.sharding import ACT_HEADS, BATCH, LENGTH
 
@@ -39,19 +39,18 @@ KK_EPS: float = 1e-12
 # ----------------------------------------------------------------------------------------------------
 
 
-def wkv7_partition(mesh: jax.sharding.AbstractMesh) -> tuple[object, object] | None:
-    """Mesh axes of the batch and head dims of the ``wkv7`` inputs ``[B,T,H,N]`` under the logical axis rules
-    in context: ``(BATCH, LENGTH, ACT_HEADS)`` mapped like any activation, the sequence then gathered (the
-    Pallas kernel needs whole sequences). None without rules (``pallas_kernels.wkv7`` then picks axes itself).
+def wkv7_partition(heads: str = ACT_HEADS) -> Partition | None:
+    """``partition=`` of :func:`pallas_kernels.wkv7` for inputs ``[B,T,H,N]`` constrained as
+    ``(BATCH, LENGTH, heads, None)``: the mesh axes the logical axis rules in context give the batch and
+    head dims (the sequence is then gathered: the Pallas kernel needs whole sequences). None without rules
+    (the kernel then picks axes itself). Call it where the layer is traced (the rules are read
+    from the context, as ``wuneng_jax.sharding.constrain`` reads them).
     """
     rules = spmd.get_logical_axis_rules()
     if not rules:
         return None
-    spec = spmd.apply_rules(jax.sharding.PartitionSpec(BATCH, LENGTH, ACT_HEADS, None), rules)
+    spec = spmd.apply_rules(jax.sharding.PartitionSpec(BATCH, LENGTH, heads, None), rules)
     return spec[0], spec[2]
-
-
-set_partition_resolver(wkv7_partition)  # impl="pallas" under a mesh shards like the model's activations
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 ``build_model(cfg, *, rngs) -> nnx.Module`` with the shared interface::
 
     logits = model(tokens, segment_ids=None, positions=None)   # int32 [B,T] -> float32 [B,T,V]
+
+The families register themselves in :mod:`wuneng_jax.models.registry`; ``wuneng_jax.config`` (YAML,
+presets) builds on this package, never the other way round.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from wuneng_jax.config import family_of, get_family
+from wuneng_jax.models.registry import family_of, get_family
 
 
 def build_model(cfg: Any, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -12,22 +12,21 @@ Numerics as Hugging Face: RMSNorm statistics, RoPE tables and the attention soft
 when the model runs in float64 under ``jax.enable_x64``); logits float32. Parameters carry logical axis
 names from ``wuneng_jax.sharding``.
 
-Hooks for the WuNeng hybrid layer: ``Qwen2Attention.project_qkv`` / ``attend`` / ``out`` split the
-attention block, and ``Qwen2.forward_with_intermediates`` returns each layer's input and attention-block
+Hooks for the WuNeng model (a subclass of :class:`Qwen2`): ``Qwen2.make_layer`` builds each decoder layer,
+``Qwen2DecoderLayer.make_attention`` its attention block, ``Qwen2Attention.project_qkv`` / ``attend`` / ``out``
+split that block, and ``Qwen2.forward_with_intermediates`` returns each layer's input and attention-block
 output (teacher targets for the ``align`` stage).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wuneng_jax.config import register_family, register_preset
 from wuneng_jax.layers.attention import IMPLS, dot_product_attention
 from wuneng_jax.layers.embed import Embed, logits_from_hidden
 from wuneng_jax.layers.linear import Linear
@@ -36,6 +35,7 @@ from wuneng_jax.layers.norms import RMSNorm
 from wuneng_jax.layers.packing import resolve_segments
 from wuneng_jax.layers.remat import check_remat, remat_layer
 from wuneng_jax.layers.rope import RopeTables, apply_rope, rope_tables
+from wuneng_jax.models.registry import register_family, register_preset
 from wuneng_jax.sharding import (
     ACT_EMBED,
     ACT_HEADS,
@@ -270,20 +270,11 @@ def _call_layer(
 class Qwen2(nnx.Module):
     """Qwen2 causal LM: ``model(tokens, segment_ids=None, positions=None) -> float32 logits [B,T,V]``."""
 
-    def __init__(
-        self,
-        cfg: Qwen2Config,
-        *,
-        rngs: nnx.Rngs,
-        make_layer: Callable[[int], nnx.Module] | None = None,
-    ):
-        """``make_layer(i)`` builds layer ``i`` (default a :class:`Qwen2DecoderLayer`; WuNeng passes its own)."""
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
         cfg.validate()
         _check_dtype_available(cfg.dtype)
         _check_dtype_available(cfg.param_dtype)
         self.cfg = cfg
-        if make_layer is None:
-            make_layer = lambda _: Qwen2DecoderLayer(cfg, rngs=rngs)  # noqa: E731
         self.embed_tokens = Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -292,7 +283,7 @@ class Qwen2(nnx.Module):
             init_std=cfg.initializer_range,
             rngs=rngs,
         )
-        self.layers = nnx.List([make_layer(i) for i in range(cfg.num_layers)])
+        self.layers = nnx.List([self.make_layer(cfg, i, rngs) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
         self.lm_head = (
             None
@@ -307,6 +298,10 @@ class Qwen2(nnx.Module):
                 rngs=rngs,
             )
         )
+
+    def make_layer(self, cfg: Qwen2Config, layer_id: int, rngs: nnx.Rngs) -> nnx.Module:
+        """Decoder layer ``layer_id`` (the WuNeng model overrides this)."""
+        return Qwen2DecoderLayer(cfg, rngs=rngs)
 
     # -- pieces (usable one at a time, e.g. for teacher-forced layer-wise training) ---------------
 

@@ -32,11 +32,11 @@ from flax import nnx
 
 from pallas_kernels import wkv7
 from pallas_kernels.wkv7 import IMPLS as WKV_IMPLS
-from wuneng_jax.config import register_family, register_preset
 from wuneng_jax.layers import rwkv7_ops as ops
 from wuneng_jax.layers.norms import GroupNorm, LayerNorm, group_norm
 from wuneng_jax.layers.params import sharded_param
 from wuneng_jax.layers.remat import check_remat, remat_layer
+from wuneng_jax.models.registry import register_family, register_preset
 from wuneng_jax.sharding import (
     ACT_EMBED,
     ACT_HEADS,
@@ -149,7 +149,7 @@ class RWKV7Config:
 
 
 #: Named shapes: a tiny test model and the released RWKV-7 World shapes (vocab 65536). Registered with
-#: ``wuneng_jax.config`` at the bottom of this module.
+#: ``wuneng_jax.models.registry`` at the bottom of this module.
 PRESETS: dict[str, dict[str, Any]] = {
     "rwkv7_tiny": dict(
         vocab_size=256, n_embd=64, n_layer=2, head_size=16, d_decay=16, d_aaa=16, d_mv=8, d_gate=16
@@ -242,6 +242,7 @@ def time_mix(
         reset=reset,
         impl=impl,
         chunk_size=chunk_size,
+        partition=ops.wkv7_partition(ACT_HEADS),
     )
     y = group_norm(ops.merge_heads(o), p["ln_x_scale"], p["ln_x_bias"], heads, ops.LN_X_EPS)
     y = y + ops.merge_heads(ops.bonus(rh, kh, vh, c("r_k")))

@@ -1,0 +1,292 @@
+"""The WuNeng hybrid attention layer (``ARCHITECTURE.md`` §2): Qwen2 attention plus RWKV-7 state-driven heads.
+
+Per hybrid decoder layer, input ``h`` ``[B,T,d]``; ``H`` query heads, ``G`` KV heads, head dim ``D``; ``S`` state
+heads of size ``N`` with ``S·N = G·D`` (default ``S = G``, ``N = D``; state head ``s`` covers channels
+``[s·N, (s+1)·N)`` of the KV-group-major layout, so KV group ``g`` owns state heads ``g·D/N .. (g+1)·D/N - 1``)::
+
+    u = RMSNorm(h);  u_m = u + (u_prev - u) ⊙ μ_m     (token shift; u_prev = previous token's u, 0 at doc starts)
+    q, k, v = u W_{Q,K,V} + b_{Q,K,V}                  [B,T,H,D], [B,T,G,D], [B,T,G,D]   (pre-RoPE)
+    r̂ = u_r W_R̂                                       [B,T,S·N]   state-derived key ("receptance")
+    κ̂ = L2norm_per_state_head(u_κ W_κ)                [B,T,S·N]   removal key
+    log w = -e^{-1/2} sigmoid(w0 + tanh(u_w W1) W2)    [B,T,S·N]   (w in (0.545, 1))
+    α = sigmoid(a0 + (u_a A1) A2);   k̃ = k ⊙ (1 + (α - 1) ⊙ k_a);   g = sigmoid(u_g G1) G2
+    v^s = v (state_value=attention_value)  or  [A_1..A_H] W_Vs (state_value=attention_output)
+    S_t = S_{t-1}(diag(w_t) - κ̂_tᵀ(α_t ⊙ κ̂_t)) + v^s_t k̃_tᵀ        (pallas_kernels.wkv7, a=-κ̂, b=κ̂⊙α)
+    R_t = (GroupNorm(S_t r̂_t) + (Σ r̂ ⊙ k̃ ⊙ r_k) v^s_t) ⊙ g_t            [B,T,S,N] -> R_g [B,T,G,D]
+    state_query:  q_h ← q_h + λ_h ⊙ (R_{g(h)} W^state_h)                  (before RoPE; λ zero-init)
+    A_h = softmax(RoPE(q_h) RoPE(k_{g(h)})ᵀ/√D + mask) v_{g(h)}
+    o = F(A, R)  (fusion: concat | add | gate | full, table below);   h ← h + o;  h ← h + SwiGLU(RMSNorm(h))
+
+Fusion (``Norm`` = per-state-head RMSNorm without scale, eps = ``rms_norm_eps``; ``N_h = Norm(R)_{g(h)}``)::
+
+    concat: o = W_O[A] + W_Os[R]                                   W_Os zero
+    add:    o = W_O[A_h + β_h ⊙ N_h]                               β [H,D] zero
+    gate:   M_h = A_h + γ_h ⊙ σ(W^g_h [A_h; N_h] + c_h) ⊙ (N_h - A_h);  o = W_O[M]       γ [H,D] zero
+    full:   o = W_O[A] + W_Os[β ⊙ Norm(R)] + W_Om[M]               W_Os, W_Om zero (β [S,N] ones, γ ones)
+
+so every hybrid layer starts exactly equal to its plain attention layer (``W_Om`` is low-rank by default,
+``middle_out_rank``; the init recipe is :mod:`wuneng_jax.models.wuneng_params`, the settings
+:mod:`wuneng_jax.models.wuneng_config`). :func:`state_read`, :func:`query_with_state`, :func:`fuse_heads` and
+:func:`hybrid_attention` are pure functions of a parameter mapping and arrays; :class:`WuNengAttention` (a
+:class:`Qwen2Attention` with the new parameters beside ``q_proj``..``o_proj``, so Qwen2 weights map one to
+one) holds the parameters, :class:`WuNengDecoderLayer` is the decoder layer. Recurrent state per layer
+(:class:`WuNengLayerState`): the last ``u`` ``[B,d]`` and the WKV state ``[B,S,N,N]``, both float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels import wkv7
+from wuneng_jax.layers import rwkv7_ops as ops
+from wuneng_jax.layers.linear import linear
+from wuneng_jax.layers.norms import group_norm, rms_norm
+from wuneng_jax.layers.packing import document_starts
+from wuneng_jax.layers.params import sharded_param
+from wuneng_jax.layers.rope import RopeTables
+from wuneng_jax.models.qwen2 import Qwen2Attention, Qwen2DecoderLayer
+from wuneng_jax.models.wuneng_config import WuNengConfig
+from wuneng_jax.models.wuneng_params import hybrid_param_names, init_hybrid_params
+from wuneng_jax.sharding import ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, BATCH, LENGTH, constrain
+
+#: ``attend(q, k, v) -> A`` ``[B,T,H,D]`` from pre-RoPE ``q`` ``[B,T,H,D]``, ``k``/``v`` ``[B,T,G,D]``
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class WuNengLayerState(NamedTuple):
+    """Recurrent state of one hybrid layer: ``shift`` ``[B,d]`` (last ``u``), ``wkv`` ``[B,S,N,N]``
+    (value rows x key columns); float32 (float64 in x64 runs)."""
+
+    shift: jax.Array
+    wkv: jax.Array
+
+
+class HybridOut(NamedTuple):
+    """:func:`hybrid_attention` result: ``o`` ``[B,T,d]`` the fused attention-block output (before the
+    residual add); ``state_branch`` ``[B,T,d]`` the state-driven heads alone through the output projection,
+    ``W_O [R_{g(1)} .. R_{g(H)}]`` (the student branch of the ``align`` stage); ``state`` after the last token.
+    """
+
+    o: jax.Array
+    state_branch: jax.Array
+    state: WuNengLayerState
+
+
+def _heads(x: jax.Array, n: int) -> jax.Array:
+    """``[B,T,C]`` -> ``[B,T,C/n,n]`` with a sharding constraint on the head axis."""
+    return constrain(ops.split_heads(x, n), (BATCH, LENGTH, ACT_KV_HEADS, None))
+
+
+def _per_query_head(x: jax.Array, num_heads: int) -> jax.Array:
+    """``[B,T,G,D]`` -> ``[B,T,H,D]``: query head ``h`` gets group ``h // (H/G)`` (the GQA mapping)."""
+    return jnp.repeat(x, num_heads // x.shape[2], axis=2)
+
+
+def state_read(
+    p: Mapping[str, jax.Array],
+    u: jax.Array,
+    k: jax.Array,
+    v_s: jax.Array,
+    *,
+    cfg: WuNengConfig,
+    reset: jax.Array,
+    state: WuNengLayerState | None = None,
+) -> tuple[jax.Array, WuNengLayerState]:
+    """The state-driven heads: RWKV-7 recurrence written with the attention key, read with ``r̂``.
+
+    Args:
+      p: the hybrid parameters (``mu_* r_proj kappa_proj w0 w1 w2 a0 a1 a2 k_a g1 g2 r_k ln_x_*``).
+      u: ``[B,T,d]`` normed layer input; k: ``[B,T,G,D]`` attention key (bias added, pre-RoPE);
+      v_s: ``[B,T,S·N]`` the value written into the state.
+      reset: bool ``[B,T]`` document starts (state and token shift restart there).
+      state: the layer's state before ``u[:, 0]`` (zeros when None).
+    Returns:
+      ``R`` ``[B,T,G,D]`` (state heads merged per KV group, gate applied) and the new state.
+    """
+    dt = u.dtype
+    c = lambda name: p[name].astype(dt)
+    b, t, _ = u.shape
+    n = cfg.state_head_size
+    uu = ops.token_shift(u, None if state is None else state.shift, reset) - u
+    u_r, u_kappa, u_w, u_a, u_g = (ops.lerp_mix(u, uu, c(f"mu_{m}")) for m in ("r", "kappa", "w", "a", "g"))
+    r_hat = linear(u_r, p["r_proj"])
+    kappa_hat = ops.l2_normalize_heads(linear(u_kappa, p["kappa_proj"]), n)
+    log_w = ops.decay_log(u_w, p["w0"], c("w1"), c("w2"))  # float32 (float64 in x64 runs)
+    alpha = jax.nn.sigmoid(c("a0") + ops.lora(u_a, c("a1"), c("a2")))
+    k_tilde = ops.modify_key(k.reshape(b, t, cfg.state_size), alpha, c("k_a"))
+    g = ops.lora(u_g, c("g1"), c("g2"), jax.nn.sigmoid)
+
+    rh, kh, vh, kkh, ah = (_heads(x, n) for x in (r_hat, k_tilde, v_s, kappa_hat, alpha))
+    o, wkv_state = wkv7(
+        rh,
+        _heads(log_w, n),
+        kh,
+        vh,
+        -kkh,
+        kkh * ah,
+        None if state is None else state.wkv,
+        reset=reset,
+        impl=cfg.wkv_impl,
+        chunk_size=cfg.wkv_chunk_size,
+        partition=ops.wkv7_partition(ACT_KV_HEADS),  # as _heads constrains the inputs
+    )
+    y = group_norm(ops.merge_heads(o), p["ln_x_scale"], p["ln_x_bias"], cfg.state_heads, ops.LN_X_EPS)
+    y = y + ops.merge_heads(ops.bonus(rh, kh, vh, c("r_k")))
+    r = (y * g).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    r = constrain(r, (BATCH, LENGTH, ACT_KV_HEADS, None))
+    return r, WuNengLayerState(u[:, -1].astype(wkv_state.dtype), wkv_state)
+
+
+def query_with_state(p: Mapping[str, jax.Array], q: jax.Array, r: jax.Array) -> jax.Array:
+    """Multi-token state processing: ``q_h + λ_h ⊙ (R_{g(h)} W^state_h)`` (pre-RoPE).
+
+    q ``[B,T,H,D]``, r ``[B,T,G,D]``; ``state_q_proj`` ``[H,D,D]``, ``state_q_scale`` (λ) ``[H,D]``.
+    """
+    dt = q.dtype
+    rq = jnp.einsum("bthd,hde->bthe", _per_query_head(r, q.shape[2]), p["state_q_proj"].astype(dt))
+    return q + p["state_q_scale"].astype(dt) * rq
+
+
+def _state_norm(r: jax.Array, n: int, eps: float) -> jax.Array:
+    """Per-state-head RMSNorm without a scale: ``[B,T,G,D]`` normalised over each ``N`` block."""
+    b, t, g, hd = r.shape
+    x = r.reshape(b, t, g * hd // n, n)
+    return rms_norm(x, jnp.ones((n,), r.dtype), eps).reshape(b, t, g, hd)
+
+
+def fuse_heads(p: Mapping[str, jax.Array], a: jax.Array, r: jax.Array, *, cfg: WuNengConfig) -> jax.Array:
+    """Cross-head interaction ``F`` and the output projection -> o ``[B,T,d]``.
+
+    a ``[B,T,H,D]`` standard heads; r ``[B,T,G,D]`` state read-out; ``p`` holds ``o_kernel`` (``W_O``
+    ``[H·D, d]``) and the fusion parameters of ``cfg.fusion`` (module docstring table).
+    """
+    dt = a.dtype
+    c = lambda name: p[name].astype(dt)
+    b, t, hh, _ = a.shape
+    flat = lambda x: x.reshape(b, t, -1)
+    if cfg.fusion == "concat":
+        return linear(flat(a), p["o_kernel"]) + linear(flat(r), p["o_state"])
+    nr = _state_norm(r, cfg.state_head_size, cfg.rms_norm_eps)
+    nr_h = _per_query_head(nr, hh)
+    if cfg.fusion == "add":
+        return linear(flat(a + c("beta") * nr_h), p["o_kernel"])
+    z = jnp.einsum("bthi,hij->bthj", jnp.concatenate([a, nr_h], axis=-1), c("gate_w")) + c("gate_b")
+    m = a + c("gamma") * jax.nn.sigmoid(z) * (nr_h - a)  # middle heads
+    m = constrain(m, (BATCH, LENGTH, ACT_HEADS, None))
+    if cfg.fusion == "gate":
+        return linear(flat(m), p["o_kernel"])
+    # full: standard + state-driven + middle heads
+    beta_nr = c("beta").reshape(-1) * flat(nr)
+    if "o_middle" in p:
+        middle = linear(flat(m), p["o_middle"])
+    else:
+        middle = linear(linear(flat(m), p["o_middle_a"]), p["o_middle_b"])
+    return linear(flat(a), p["o_kernel"]) + linear(beta_nr, p["o_state"]) + middle
+
+
+def hybrid_attention(
+    p: Mapping[str, jax.Array],
+    u: jax.Array,
+    *,
+    cfg: WuNengConfig,
+    segment_ids: jax.Array,
+    attend: Attend,
+    state: WuNengLayerState | None = None,
+) -> HybridOut:
+    """The WuNeng hybrid attention block on the normed input ``u`` ``[B,T,d]`` (compute dtype ``u.dtype``).
+
+    Args:
+      p: ``q_kernel`` ``[d,H·D]``, ``q_bias``, ``k_kernel``/``v_kernel`` ``[d,G·D]``, ``k_bias``, ``v_bias``,
+        ``o_kernel`` ``[H·D,d]`` (the Qwen2 attention) plus :func:`hybrid_param_names` ``(cfg)``.
+      segment_ids: int ``[B,T]`` (state resets at document starts).
+      attend: the standard heads ``A`` ``[B,T,H,D]`` from pre-RoPE ``q, k, v`` (RoPE, mask and any KV cache
+        are the caller's: :meth:`Qwen2Attention.attend` in training, the decoder's cached attention).
+      state: state before ``u[:, 0]``; ``None`` starts from zeros (and resets at t = 0), a given state
+        is continued at t = 0 (later document starts in ``segment_ids`` still reset it).
+    Returns:
+      :class:`HybridOut`.
+    """
+    b, t, _ = u.shape
+    hh, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    proj = lambda x, heads: linear(u, p[f"{x}_kernel"], p[f"{x}_bias"]).reshape(b, t, heads, hd)
+    q = constrain(proj("q", hh), (BATCH, LENGTH, ACT_HEADS, None))
+    k = constrain(proj("k", g), (BATCH, LENGTH, ACT_KV_HEADS, None))
+    v = constrain(proj("v", g), (BATCH, LENGTH, ACT_KV_HEADS, None))
+    reset = document_starts(segment_ids) if state is None else ops.segment_reset(segment_ids)
+    attend_q = lambda q: constrain(attend(q, k, v), (BATCH, LENGTH, ACT_HEADS, None))
+    if cfg.state_value == "attention_value":
+        r, new_state = state_read(p, u, k, v.reshape(b, t, -1), cfg=cfg, reset=reset, state=state)
+        a = attend_q(query_with_state(p, q, r) if cfg.state_query else q)
+    else:  # attention_output (validated: state_query is off)
+        a = attend_q(q)
+        v_s = linear(a.reshape(b, t, -1), p["state_v_proj"])
+        r, new_state = state_read(p, u, k, v_s, cfg=cfg, reset=reset, state=state)
+    o = constrain(fuse_heads(p, a, r, cfg=cfg), (BATCH, LENGTH, ACT_EMBED))
+    branch = linear(_per_query_head(r, hh).reshape(b, t, -1), p["o_kernel"])
+    return HybridOut(o, constrain(branch, (BATCH, LENGTH, ACT_EMBED)), new_state)
+
+
+class WuNengAttention(Qwen2Attention):
+    """A Qwen2 attention (``q_proj k_proj v_proj o_proj``) plus the hybrid parameters of
+    :func:`hybrid_param_names` as attributes; ``__call__`` runs :func:`hybrid_attention`."""
+
+    def __init__(self, cfg: WuNengConfig, layer_id: int, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.cfg = cfg
+        self.layer_id = layer_id
+        q_kernel, k_kernel = self.q_proj.kernel[...], self.k_proj.kernel[...]
+        init = init_hybrid_params(cfg, layer_id, q_kernel=q_kernel, k_kernel=k_kernel, key=rngs.params())
+        for name, (value, names) in init.items():
+            setattr(self, name, sharded_param(value, names))
+
+    def params(self) -> dict[str, jax.Array]:
+        """The parameter mapping of :func:`hybrid_attention`; the Qwen2 projections in the compute dtype
+        (cast like ``Linear`` casts its kernel), the hybrid parameters as stored."""
+        dt = jnp.dtype(self.cfg.dtype)
+        p = {f"{n}_kernel": getattr(self, f"{n}_proj").kernel[...].astype(dt) for n in "qkvo"}
+        p |= {f"{n}_bias": getattr(self, f"{n}_proj").bias[...].astype(dt) for n in "qkv"}
+        return p | {name: getattr(self, name)[...] for name in hybrid_param_names(self.cfg)}
+
+    def __call__(  # type: ignore[override]
+        self, u: jax.Array, *, rope: RopeTables, segment_ids: jax.Array, state: WuNengLayerState | None = None
+    ) -> HybridOut:
+        """u ``[B,T,d]`` (normed) -> :class:`HybridOut`; the standard heads are :meth:`Qwen2Attention.attend`."""
+        attend = lambda q, k, v: self.attend(q, k, v, rope=rope, segment_ids=segment_ids)
+        return hybrid_attention(
+            self.params(), u, cfg=self.cfg, segment_ids=segment_ids, attend=attend, state=state
+        )
+
+
+class LayerOut(NamedTuple):
+    """A decoder layer's result: new ``h``, attention-block output ``o``, the state branch ``W_O[R]`` and
+    the recurrent state (the last two ``None`` for plain attention layers)."""
+
+    h: jax.Array
+    o: jax.Array
+    state_branch: jax.Array | None
+    state: WuNengLayerState | None
+
+
+class WuNengDecoderLayer(Qwen2DecoderLayer):
+    """``h + hybrid_attn(RMSNorm(h))`` then ``+ SwiGLU(RMSNorm(·))``; attribute names as Qwen2's layer."""
+
+    def __init__(self, cfg: WuNengConfig, layer_id: int, *, rngs: nnx.Rngs):
+        self.layer_id = layer_id
+        super().__init__(cfg, rngs=rngs)
+
+    def make_attention(self, cfg: WuNengConfig, rngs: nnx.Rngs) -> nnx.Module:
+        return WuNengAttention(cfg, self.layer_id, rngs=rngs)
+
+    def __call__(  # type: ignore[override]
+        self, h: jax.Array, *, rope: RopeTables, segment_ids: jax.Array, state: WuNengLayerState | None = None
+    ) -> LayerOut:
+        """h ``[B,T,d]`` -> :class:`LayerOut`."""
+        out = self.self_attn(self.input_layernorm(h), rope=rope, segment_ids=segment_ids, state=state)
+        h = h + out.o
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return LayerOut(constrain(h, (BATCH, LENGTH, ACT_EMBED)), out.o, out.state_branch, out.state)
