@@ -12,11 +12,14 @@ One function, several implementations with identical semantics (``ARCHITECTURE.m
 
 Under a mesh (``jax.set_mesh``), ``impl="pallas"`` runs inside ``jax.shard_map``: XLA cannot partition a Mosaic
 kernel (``"wrap the call in a shard_map"``), and the recurrence is independent per batch element and head, so
-each device runs the kernel on its own ``[B/.., T, H/.., N]`` block (the sequence axis is gathered). The caller
-says which mesh axes shard batch and heads (``partition=(batch_axes, head_axes)``; the model library derives
-them from its logical axis rules); without it, batch takes the mesh axes (of size > 1) that divide it, in mesh
-order, and heads the remaining ones. A one-device mesh, or a call already inside ``shard_map`` over every mesh
-axis, is left as is.
+each device runs the kernel on its own ``[B/.., T, H/.., N]`` block. The caller says which mesh axes shard batch
+and heads (``partition=(batch_axes, head_axes)``; the model library derives them from its logical axis rules);
+without it, batch takes the mesh axes (of size > 1) that divide it, in mesh order, and heads the remaining ones.
+With a third entry, ``sequence_axes`` (context parallelism, any implementation), each device holds a block of
+the sequence: it runs the op on its block twice (a local pass and a transition pass) and one all-gather of
+``[B,H,N,N]`` block summaries joins the blocks exactly (:mod:`pallas_kernels.wkv7_sequence`); no device holds
+another block's activations. Without sequence axes the sequence is whole on every device. A one-device mesh,
+or a call already inside ``shard_map`` over every mesh axis, is left as is.
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels.wkv7_chunked import wkv7_chunked
 from pallas_kernels.wkv7_fused import DEFAULT_CHUNK, wkv7_fused
 from pallas_kernels.wkv7_reference import wkv7_reference
+from pallas_kernels.wkv7_sequence import wkv7_sequence_sharded
 
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
 MeshAxes = str | tuple[str, ...] | None
-#: ``(batch_axes, head_axes)``: the mesh axes of the ``B`` and ``H`` dims of ``[B,T,H,N]`` under a mesh
-Partition = tuple[MeshAxes, MeshAxes]
+#: ``(batch_axes, head_axes[, sequence_axes])``: the mesh axes of the ``B``, ``H`` (and ``T``) dims of ``[B,T,H,N]``
+Partition = tuple[MeshAxes, MeshAxes] | tuple[MeshAxes, MeshAxes, MeshAxes]
 #: every implementation name, shared by the op and the model families' ``wkv_impl``
 IMPLS = ("auto", "reference", "chunked", "pallas")
 
@@ -103,12 +107,14 @@ def _fit_axes(axes: MeshAxes, size: int, mesh, free: set[str]) -> tuple[str, ...
 
 
 def _kernel_partition(
-    mesh, bsz: int, heads: int, wanted: Partition | None = None
-) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    """Mesh axes ``(batch, heads)`` for the shard_map around the kernel; None = no shard_map needed.
+    mesh, bsz: int, heads: int, seq_len: int, wanted: Partition | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None:
+    """Mesh axes ``(batch, heads, sequence)`` for the shard_map around the op; None = no shard_map needed.
 
-    ``wanted``: the caller's ``(batch_axes, head_axes)``; axes that are manual already, or whose size does
-    not divide the batch / head count, are dropped (those dims are then replicated). None: the default.
+    ``wanted``: the caller's ``(batch_axes, head_axes[, sequence_axes])``; axes that are manual already, or
+    whose size does not divide the batch / head count / sequence length, are dropped (those dims are then
+    whole), and so are sequence axes of size 1. None: batch over the mesh axes that divide it, heads over the
+    rest, the sequence whole.
     """
     free = {a for a in mesh.axis_names if a not in mesh.manual_axes}
     if math.prod(mesh.shape[a] for a in free) <= 1:
@@ -120,7 +126,9 @@ def _kernel_partition(
         wanted = (batch, tuple(rest))
     batch = _fit_axes(wanted[0], bsz, mesh, free)
     head = _fit_axes(wanted[1], heads, mesh, free - set(batch))
-    return batch, head
+    split = tuple(a for a in _as_tuple(wanted[2] if len(wanted) > 2 else None) if mesh.shape[a] > 1)
+    sequence = _fit_axes(split, seq_len, mesh, free - set(batch) - set(head))
+    return batch, head, sequence
 
 
 def _spec_axes(axes: tuple[str, ...]) -> MeshAxes:
@@ -190,40 +198,53 @@ def wkv7(
         entering that token is zero, so a packed row gives exactly the outputs of each document run alone.
       impl: ``"auto"``, ``"reference"``, ``"chunked"`` or ``"pallas"``.
       chunk_size: chunk length of the chunked implementations, a power of two (default 16 for
-        ``"chunked"``; for ``"pallas"`` (>= 16) 64 on TPU and 16 on GPU).
-      partition: ``(batch_axes, head_axes)``, the mesh axes (a name, a tuple of names, or None each) that
-        shard ``B`` and ``H`` of the inputs; ``impl="pallas"`` under a mesh runs the kernel in a
-        ``shard_map`` split that way (module docstring). None: batch over the mesh axes that divide it,
-        heads over the rest. Ignored without a mesh and by the other implementations.
+        ``"chunked"``; for ``"pallas"`` (>= 16) 32 on TPU and 16 on GPU).
+      partition: ``(batch_axes, head_axes[, sequence_axes])``, the mesh axes (a name, a tuple of names, or
+        None each) that shard ``B``, ``H`` (and ``T``) of the inputs; under a mesh, ``impl="pallas"`` runs in
+        a ``shard_map`` split that way, and so does every implementation when sequence axes (of size > 1) are
+        given: each device then runs the op on its block of the sequence and the blocks are joined exactly
+        (:mod:`pallas_kernels.wkv7_sequence`; module docstring). None: batch over the mesh axes that divide it,
+        heads over the rest, the sequence whole. Ignored without a mesh.
 
     Returns:
       ``o`` ``[B,T,H,N]`` in r's dtype, and the final state ``[B,H,N,N]`` in float32 (float64 when the
       inputs are float64 under ``jax_enable_x64``). State and accumulation are float32 whatever the inputs.
     """
     _validate(r, log_w, k, v, a, b, initial_state, reset, impl, chunk_size)
-    if partition is not None and not (isinstance(partition, tuple) and len(partition) == 2):
-        raise ValueError(f"wkv7: partition must be a pair (batch_axes, head_axes), got {partition!r}")
+    if partition is not None and not (isinstance(partition, tuple) and len(partition) in (2, 3)):
+        raise ValueError(
+            f"wkv7: partition must be (batch_axes, head_axes) or (batch_axes, head_axes, sequence_axes), "
+            f"got {partition!r}"
+        )
     impl = _resolve_impl(impl)
     chunk = chunk_size or _default_chunk(impl)
     call = functools.partial(_wkv7_jit, impl=impl, chunk_size=chunk)
     mesh = jax.sharding.get_abstract_mesh()
-    if impl == "pallas" and not mesh.empty:
-        axes = _kernel_partition(mesh, r.shape[0], r.shape[2], partition)
-        if axes is not None:
+    if not mesh.empty and (impl == "pallas" or (partition is not None and len(partition) > 2)):
+        axes = _kernel_partition(mesh, r.shape[0], r.shape[2], r.shape[1], partition)
+        if axes is not None and (impl == "pallas" or axes[2]):
             return _shard_mapped(call, mesh, axes, r, log_w, k, v, a, b, initial_state, reset)
     return call(r, log_w, k, v, a, b, initial_state, reset)
 
 
 def _shard_mapped(call, mesh, partition, r, log_w, k, v, a, b, initial_state, reset):
-    """``call`` inside ``jax.shard_map``: batch and heads split over ``partition``, everything else whole."""
-    bx, hx = (_spec_axes(axes) for axes in partition)
-    act, state, rows = P(bx, None, hx, None), P(bx, hx), P(bx, None)
+    """``call`` inside ``jax.shard_map``: batch and heads split over ``partition``; with sequence axes, each
+    device holds a block of the sequence and :func:`wkv7_sequence_sharded` joins the blocks (the sequence is
+    otherwise whole on every device)."""
+    bx, hx, sx = (_spec_axes(axes) for axes in partition)
+    act, state, rows = P(bx, sx, hx, None), P(bx, hx), P(bx, sx)
     optional = {"initial_state": (initial_state, state), "reset": (reset, rows)}
     present = [name for name, (x, _) in optional.items() if x is not None]
 
     def local(*xs):
         extra = dict(zip(present, xs[6:], strict=True))
-        return call(*xs[:6], extra.get("initial_state"), extra.get("reset"))
+        s0, resets = extra.get("initial_state"), extra.get("reset")
+        if sx is None:
+            return call(*xs[:6], s0, resets)
+        if s0 is None:
+            bsz, _, heads, n = xs[0].shape
+            s0 = jnp.zeros((bsz, heads, n, n), jnp.promote_types(xs[0].dtype, jnp.float32))
+        return wkv7_sequence_sharded(call, *xs[:6], s0, resets, axis_name=sx)
 
     in_specs = (act,) * 6 + tuple(optional[name][1] for name in present)
     args = (r, log_w, k, v, a, b, *(optional[name][0] for name in present))

@@ -94,3 +94,50 @@ def test_only_block_summaries_cross_devices():
         if re.search(r"= \S+ (all-gather|all-to-all|collective-permute|all-reduce)\(", line)
     ]
     assert collectives == [f"f32[4,{BSZ},{HEADS},{N},{N}]"] * 2, collectives
+
+
+# ------------------------------------------------------------------------------------------------ in the models
+
+FAMILIES = ("rwkv7_tiny", "wuneng_tiny")
+
+
+def _model_loss(name: str):
+    from flax import nnx
+
+    from wuneng_jax.config import preset
+    from wuneng_jax.models import build_model
+
+    cfg = preset(name)
+    graphdef, params = nnx.split(build_model(cfg, rngs=nnx.Rngs(0)))
+
+    def loss(params, tokens):
+        logits = nnx.merge(graphdef, params)(tokens)
+        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0]
+        return jnp.mean(nll), logits
+
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size)
+    return loss, params, tokens
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_models_with_the_sequence_split_match_the_unsplit_run(name):
+    """The model under a mesh with sequence = 4 (the logical rules put LENGTH on "sequence"): the recurrence
+    runs as context parallelism (shard_map over the sequence blocks) and gives the unsplit logits and
+    gradients."""
+    from train.config import MeshConfig
+    from train.mesh import make_mesh, mesh_context
+    from wuneng_jax.sharding import DEFAULT_RULES
+
+    loss, params, tokens = _model_loss(name)
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (ref_loss, ref_logits), ref_grads = grad(params, tokens)
+    mesh = make_mesh(MeshConfig(data=2, sequence=4), jax.devices()[:8])
+    with mesh_context(mesh, DEFAULT_RULES):
+        assert "sequence" in str(jax.make_jaxpr(loss)(params, tokens)).split("shard_map")[1][:2000]
+        (got_loss, got_logits), got_grads = grad(params, tokens)
+    assert rel_err(got_logits, ref_logits) <= 1e-5, rel_err(got_logits, ref_logits)
+    assert abs(float(got_loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    worst = max(
+        rel_err(g, r) for g, r in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads), strict=True)
+    )
+    assert worst <= 1e-4, worst

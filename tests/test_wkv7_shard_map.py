@@ -33,14 +33,26 @@ def test_partition_follows_the_logical_rules_and_divisibility():
     mesh = _mesh((2, 2, 2, 1)).abstract_mesh
     with nnx.logical_axis_rules(DEFAULT_RULES):
         rules = wkv7_partition()
-    assert rules == (("data", "fsdp"), "tensor")
-    assert _kernel_partition(mesh, 4, 2, rules) == (("data", "fsdp"), ("tensor",))
-    assert _kernel_partition(mesh, 2, 2, rules) == (("data",), ("tensor",))  # fsdp does not divide B = 2 / 2
-    assert _kernel_partition(mesh, 4, 3, rules) == (("data", "fsdp"), ())  # 3 heads: not split
+    assert rules == (("data", "fsdp"), "tensor", "sequence")
+    assert _kernel_partition(mesh, 4, 2, 16, rules) == (("data", "fsdp"), ("tensor",), ())  # sequence: size 1
+    assert _kernel_partition(mesh, 2, 2, 16, rules) == (
+        ("data",),
+        ("tensor",),
+        (),
+    )  # fsdp does not divide B = 2 / 2
+    assert _kernel_partition(mesh, 4, 3, 16, rules) == (("data", "fsdp"), (), ())  # 3 heads: not split
     # without rules no partition is passed: batch takes the mesh axes that divide it in order, heads the rest
     assert wkv7_partition() is None
-    assert _kernel_partition(mesh, 2, 4) == (("data",), ("fsdp", "tensor"))
-    assert _kernel_partition(Mesh(np.array(jax.devices()[:1]), ("x",)).abstract_mesh, 2, 2) is None
+    assert _kernel_partition(mesh, 2, 4, 16) == (("data",), ("fsdp", "tensor"), ())
+    assert _kernel_partition(Mesh(np.array(jax.devices()[:1]), ("x",)).abstract_mesh, 2, 2, 16) is None
+    # a sequence axis of size > 1 splits T when it divides it
+    seq_mesh = _mesh((2, 1, 1, 4)).abstract_mesh
+    assert _kernel_partition(seq_mesh, 2, 2, 16, rules) == (("data", "fsdp"), ("tensor",), ("sequence",))
+    assert _kernel_partition(seq_mesh, 2, 2, 18, rules) == (
+        ("data", "fsdp"),
+        ("tensor",),
+        (),
+    )  # 4 does not divide T = 18
 
 
 def test_pallas_under_a_mesh_is_shard_mapped_and_exact():
@@ -57,7 +69,7 @@ def test_pallas_under_a_mesh_is_shard_mapped_and_exact():
     assert "shard_map" in jaxpr
     assert rel_err(o, o_np) <= TOL and rel_err(s, s_np) <= TOL
     assert "shard_map" not in str(jax.make_jaxpr(fn)(*x, reset=reset))  # no mesh: unchanged
-    with pytest.raises(ValueError, match=r"partition must be a pair \(batch_axes, head_axes\)"):
+    with pytest.raises(ValueError, match=r"partition must be \(batch_axes, head_axes\) or \(batch_axes, head_axes, sequence_axes\)"):
         wkv7(*x, partition="data")
 
 

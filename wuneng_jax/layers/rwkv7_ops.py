@@ -41,16 +41,17 @@ KK_EPS: float = 1e-12
 
 def wkv7_partition(heads: str = ACT_HEADS) -> Partition | None:
     """``partition=`` of :func:`pallas_kernels.wkv7` for inputs ``[B,T,H,N]`` constrained as
-    ``(BATCH, LENGTH, heads, None)``: the mesh axes the logical axis rules in context give the batch and
-    head dims (the sequence is then gathered: the Pallas kernel needs whole sequences). None without rules
-    (the kernel then picks axes itself). Call it where the layer is traced (the rules are read
-    from the context, as ``wuneng_jax.sharding.constrain`` reads them).
+    ``(BATCH, LENGTH, heads, None)``: the mesh axes the logical axis rules in context give the batch, head and
+    sequence dims (a sequence split over devices runs as context parallelism: each device keeps its block and
+    the blocks' states are joined exactly). None without rules (the op then picks batch and head axes itself
+    and keeps the sequence whole). Call it where the layer is traced (the rules are read from the context, as
+    ``wuneng_jax.sharding.constrain`` reads them).
     """
     rules = spmd.get_logical_axis_rules()
     if not rules:
         return None
     spec = spmd.apply_rules(jax.sharding.PartitionSpec(BATCH, LENGTH, heads, None), rules)
-    return spec[0], spec[2]
+    return spec[0], spec[2], spec[1]
 
 
 # ----------------------------------------------------------------------------------------------------
