@@ -69,7 +69,10 @@ def test_pallas_under_a_mesh_is_shard_mapped_and_exact():
     assert "shard_map" in jaxpr
     assert rel_err(o, o_np) <= TOL and rel_err(s, s_np) <= TOL
     assert "shard_map" not in str(jax.make_jaxpr(fn)(*x, reset=reset))  # no mesh: unchanged
-    with pytest.raises(ValueError, match=r"partition must be \(batch_axes, head_axes\) or \(batch_axes, head_axes, sequence_axes\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"partition must be \(batch_axes, head_axes\) or \(batch_axes, head_axes, sequence_axes\)",
+    ):
         wkv7(*x, partition="data")
 
 
