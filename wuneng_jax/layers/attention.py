@@ -16,7 +16,9 @@ Semantics (every ``impl``):
 
 Implementations (``impl``):
 * ``"reference"``: explicit einsums; the only one that keeps float64 softmax (x64 reference runs);
-* ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``;
+* ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``; under a mesh whose logical rules split
+  the sequence (``mesh.sequence > 1``), blocked context-parallel attention instead
+  (:mod:`wuneng_jax.layers.context_attention`);
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, bfloat16/float16 only);
   the segment mask is passed as a mask (cuDNN turns it into a bias);
 * ``"splash"``: the Pallas TPU splash-attention kernel (``jax.experimental.pallas.ops.tpu``), causal
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import spmd
 
+from wuneng_jax.layers.context_attention import context_parallel_attention
 from wuneng_jax.layers.params import sharding_active
 from wuneng_jax.sharding import ACT_HEADS, ACT_KV_HEADS, BATCH
 
@@ -237,6 +240,10 @@ def dot_product_attention(
         return reference_attention(
             q, k, v, attention_mask(segment_ids_q, segment_ids_kv, t, s, causal), scale
         )
+    if impl == "xla" and sharding_active():  # the sequence split over devices: blocked, never [T/P, T] scores
+        out = context_parallel_attention(q, k, v, segment_ids_q, segment_ids_kv, causal=causal, scale=scale)
+        if out is not None:
+            return out
     if impl in ("xla", "cudnn"):
         return _jax_nn_attention(q, k, v, segment_ids_q, segment_ids_kv, causal, scale, impl).astype(q.dtype)
     # splash

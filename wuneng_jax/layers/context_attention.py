@@ -1,0 +1,104 @@
+"""Causal self-attention with the sequence split over devices (context parallelism), inside ``shard_map``.
+
+Each device holds a block of ``T/P`` queries. It all-gathers the keys, values and segment ids of the whole
+sequence (``[B, T, G, D]``: small next to the scores with grouped-query attention) and walks them in ``P`` key
+blocks with an online softmax (a ``lax.scan`` with the step rematerialised), so it never forms more than a
+``[T/P, T/P]`` block of scores per head: the memory per device falls with ``P`` instead of holding
+``[T/P, T]`` scores as XLA's partitioning of plain attention does. The backward reduce-scatters the key /
+value gradients (the all-gather's transpose). A ring (passing key blocks with ``ppermute`` and overlapping the
+transfer with the block's compute) moves the same bytes; the all-gather is chosen for simplicity, the ring is
+the next step where the transfer shows in a profile.
+
+Semantics are those of :func:`wuneng_jax.layers.attention.reference_attention` with the causal and segment
+masks (a query attends to keys of its segment at or before its position), softmax in
+``promote_types(q.dtype, float32)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import spmd
+
+from wuneng_jax.sharding import ACT_HEADS, ACT_KV_HEADS, BATCH, LENGTH
+
+
+def _axes_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
+def _large_negative(dtype) -> jax.Array:
+    return jnp.asarray(-0.7 * float(jnp.finfo(jnp.float32).max), dtype)
+
+
+def _blocked_local(q, k, v, seg_q, seg_kv, *, axis, causal: bool, scale: float) -> jax.Array:
+    """One device: queries ``[B, T/P, H, D]``, its blocks of k/v ``[B, T/P, G, D]`` and segment ids."""
+    b, tl, h, d = q.shape
+    g = k.shape[2]
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True)
+    k_all, v_all, seg_all = gather(k), gather(v), gather(seg_kv)
+    blocks = k_all.shape[1] // tl
+    q_pos = jax.lax.axis_index(axis) * tl + jnp.arange(tl)
+    qg = q.reshape(b, tl, g, h // g, d)
+    split = lambda x: jnp.moveaxis(x.reshape(b, blocks, tl, *x.shape[2:]), 1, 0)
+    neg = _large_negative(acc)
+
+    def step(carry, xs):
+        m, l, o = carry  # [B,G,R,Tl], [B,G,R,Tl], [B,G,R,Tl,D]
+        kj, vj, segj, j = xs
+        logits = jnp.einsum("btgrd,bsgd->bgrts", qg, kj, preferred_element_type=acc) * jnp.asarray(scale, acc)
+        mask = seg_q[:, None, None, :, None] == segj[:, None, None, None, :]
+        if causal:
+            mask = mask & ((j * tl + jnp.arange(tl))[None, :] <= q_pos[:, None])
+        logits = jnp.where(mask, logits, neg)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        p = jnp.exp(logits - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        o = o * corr[..., None] + jnp.einsum(
+            "bgrts,bsgd->bgrtd", p.astype(v.dtype), vj, preferred_element_type=acc
+        )
+        return (m_new, l * corr + jnp.sum(p, axis=-1), o), None
+
+    shape = (b, g, h // g, tl)
+    init = (jnp.full(shape, neg, acc), jnp.zeros(shape, acc), jnp.zeros((*shape, d), acc))
+    xs = (split(k_all), split(v_all), split(seg_all), jnp.arange(blocks))
+    (_, l, o), _ = jax.lax.scan(jax.checkpoint(step), init, xs)
+    out = (o / l[..., None]).transpose(0, 3, 1, 2, 4)  # [B, Tl, G, R, D]
+    return out.reshape(b, tl, h, d).astype(q.dtype)
+
+
+def context_parallel_attention(q, k, v, seg_q, seg_kv, *, causal: bool, scale: float) -> jax.Array | None:
+    """Self-attention (``T == S``) with the sequence split over the mesh axes the logical rules give
+    ``LENGTH``; None when they do not apply (no such axes of size > 1, ``T`` not divisible, ``T != S``), so the
+    caller falls back to its plain path. q ``[B,T,H,D]``, k/v ``[B,T,G,D]``, segment ids ``[B,T]`` or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = spmd.get_logical_axis_rules()
+    if mesh.empty or not rules or q.shape[1] != k.shape[1]:
+        return None
+    P = jax.sharding.PartitionSpec
+    seq_axes = spmd.apply_rules(P(LENGTH), rules)[0]
+    n_seq = _axes_size(mesh, seq_axes)
+    if n_seq <= 1 or q.shape[1] % n_seq:
+        return None
+    batch_axes = spmd.apply_rules(P(BATCH), rules)[0]
+    if q.shape[0] % _axes_size(mesh, batch_axes):
+        batch_axes = None
+    head_axes = spmd.apply_rules(P(ACT_HEADS), rules)[0]
+    n_head = _axes_size(mesh, head_axes)
+    if head_axes != spmd.apply_rules(P(ACT_KV_HEADS), rules)[0] or q.shape[2] % n_head or k.shape[2] % n_head:
+        head_axes = None
+    if seg_q is None:
+        seg_q = seg_kv = jnp.ones(q.shape[:2], jnp.int32)
+    rows, ids = P(batch_axes, seq_axes, head_axes, None), P(batch_axes, seq_axes)
+    local = functools.partial(_blocked_local, axis=seq_axes, causal=causal, scale=scale)
+    fn = jax.shard_map(
+        local, mesh=mesh, in_specs=(rows, rows, rows, ids, ids), out_specs=rows, check_vma=False
+    )
+    return fn(q, k, v, seg_q, seg_kv)
