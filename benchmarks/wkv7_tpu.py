@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -35,7 +36,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import print_table, write_results  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import print_table  # noqa: E402
 from pallas_kernels import wkv7  # noqa: E402
 from pallas_kernels.wkv7_fused import tpu_head_group  # noqa: E402
 from train.aot.kernels import op_mesh  # noqa: E402
@@ -115,8 +117,9 @@ def main(argv=None) -> dict:
     p.add_argument("--no-chunked", action="store_true", help="skip the chunked XLA column (slow to compile)")
     p.add_argument("--smoke", action="store_true", help="B=2 T=256 H=16 N=64, v5p only, chunk 64")
     args = p.parse_args(argv)
-    if args.smoke:
+    if args.smoke:  # results to a temporary directory: a smoke run leaves no result file behind
         args.shape, args.topologies, args.chunks = (2, 256, 16, 64), ["v5p:2x2x1"], (64,)
+        common.RESULTS_DIR = tempfile.mkdtemp(prefix="wkv7_tpu_smoke_")
     shape = tuple(args.shape)
     rows = []
     variants = [("pallas", c) for c in args.chunks] + ([] if args.no_chunked else [("chunked", None)])
@@ -151,7 +154,7 @@ def main(argv=None) -> dict:
         cols, [[r.get(c, r.get("error", "-")) if r.get(c) is not None else "-" for c in cols] for r in rows]
     )
     payload = {"shape": shape, "libtpu_compiler": True, "rows": rows}
-    path = write_results("wkv7_tpu_aot", payload)
+    path = common.write_results("wkv7_tpu_aot", payload)
     print(f"wrote {path}")
     return payload
 
