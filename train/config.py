@@ -5,8 +5,8 @@
 values raise :class:`ConfigError` (a ``ValueError``) naming the dotted field and the fix.
 
 ``model`` is the one section this module does not type itself: a preset name or a mapping resolved by
-``wuneng_jax.config.load_model_config`` (the model library owns its configs), checked when the
-trainer builds the model.
+``wuneng_jax.config.load_model_config`` (the model library owns its configs), checked by
+:func:`resolve_model_config` when the trainer builds the model.
 
 Schema (defaults in brackets)::
 
@@ -567,6 +567,49 @@ class TrainConfig:
         out = _to_plain(self)
         out["rules"] = [[name, list(ax) if isinstance(ax, tuple) else ax] for name, ax in self.rules]
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# The model section
+
+
+def resolve_model_config(spec: Any, *, dtype: str, remat: str) -> Any:
+    """The model config for ``spec`` with the run's compute dtype and per-layer remat policy applied."""
+    from wuneng_jax import config as mc
+
+    try:
+        if isinstance(spec, str):
+            cfg = mc.load_model_config(spec)
+        else:
+            spec = dict(spec)
+            if "family" not in spec and "preset" in spec:
+                spec["family"] = mc.family_of(mc.preset(spec["preset"]))
+            cfg = mc.load_model_config(spec)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        raise ConfigError(f"config field `model`: {e}") from e
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    param_dtype = getattr(cfg, "param_dtype", "float32")
+    if param_dtype != "float32":
+        raise ConfigError(
+            f"config field `model.param_dtype`: {param_dtype!r}; training keeps float32 master weights, "
+            "set model.param_dtype=float32 (the compute dtype is the top-level `dtype`)"
+        )
+    updates: dict[str, Any] = {}
+    if "dtype" in fields:
+        updates["dtype"] = dtype
+    elif dtype != "float32":
+        raise ConfigError(
+            f"config field `dtype`: model family {mc.family_of(cfg)!r} has no compute dtype option"
+        )
+    if "remat" in fields:
+        updates["remat"] = remat
+    elif remat != "none":
+        raise ConfigError(
+            f"config field `remat`: model family {mc.family_of(cfg)!r} has no per-layer remat option"
+        )
+    if updates:
+        cfg = dataclasses.replace(cfg, **updates)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------

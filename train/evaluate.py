@@ -159,28 +159,13 @@ def perplexity(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Text -> token pairs, multiple choice
+# Multiple choice
 # ----------------------------------------------------------------------------------------------------
-
-
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's context/continuation split: trailing context spaces move into the continuation, the
-    continuation tokens are ``encode(context + continuation)`` past ``encode(context)``; an empty
-    context becomes the EOS token (something to condition on)."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
-    cont = whole[len(ctx) :]
-    if not cont:
-        raise ValueError(f"continuation {continuation!r} encodes to no token")
-    return (ctx or [tokenizer.eos_id]), cont
 
 
 def load_mc_jsonl(path: str | Path, tokenizer: Any) -> list[Any]:
     """``MCQuestion``s from a jsonl file (module docstring for the format)."""
+    from train.data.tokenizer import encode_pair
     from wuneng_jax.eval import MCQuestion
 
     questions = []

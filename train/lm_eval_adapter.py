@@ -120,7 +120,7 @@ class WuNengLM(_LMBase):  # type: ignore[misc, valid-type]
 
     def loglikelihood(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """``(log p(continuation | context), is_greedy)`` per ``Instance`` with ``args = (context, continuation)``."""
-        from train.evaluate import encode_pair
+        from train.data.tokenizer import encode_pair
 
         pairs = [encode_pair(self.tok, *req.args[:2]) for req in requests]
         scores = self.scorer.score(pairs, progress=self.progress and not disable_tqdm, desc="loglikelihood")

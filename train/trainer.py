@@ -71,45 +71,6 @@ log = logging.getLogger(__name__)
 # Model config
 
 
-def resolve_model_config(spec: Any, *, dtype: str, remat: str) -> Any:
-    """The model config for ``spec`` with the run's compute dtype and per-layer remat policy applied."""
-    from wuneng_jax import config as mc
-
-    try:
-        if isinstance(spec, str):
-            cfg = mc.load_model_config(spec)
-        else:
-            spec = dict(spec)
-            if "family" not in spec and "preset" in spec:
-                spec["family"] = mc.family_of(mc.preset(spec["preset"]))
-            cfg = mc.load_model_config(spec)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        raise ConfigError(f"config field `model`: {e}") from e
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    param_dtype = getattr(cfg, "param_dtype", "float32")
-    if param_dtype != "float32":
-        raise ConfigError(
-            f"config field `model.param_dtype`: {param_dtype!r}; training keeps float32 master weights, "
-            "set model.param_dtype=float32 (the compute dtype is the top-level `dtype`)"
-        )
-    updates: dict[str, Any] = {}
-    if "dtype" in fields:
-        updates["dtype"] = dtype
-    elif dtype != "float32":
-        raise ConfigError(
-            f"config field `dtype`: model family {mc.family_of(cfg)!r} has no compute dtype option"
-        )
-    if "remat" in fields:
-        updates["remat"] = remat
-    elif remat != "none":
-        raise ConfigError(
-            f"config field `remat`: model family {mc.family_of(cfg)!r} has no per-layer remat option"
-        )
-    if updates:
-        cfg = dataclasses.replace(cfg, **updates)
-    return cfg
-
-
 def model_config_dict(model_cfg: Any) -> dict[str, Any]:
     from wuneng_jax.config import config_to_dict
 
@@ -224,6 +185,32 @@ class _Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+@dataclasses.dataclass
+class _RunState:
+    """What one :meth:`Trainer.run` carries from hook to hook: the train state, its data, its outputs and
+    the step bookkeeping."""
+
+    state: Any
+    train_it: Any
+    eval_ds: Any
+    start: int  # steps done when the run started
+    done: int  # steps done so far
+    last_saved: int | None  # newest checkpoint's step
+    writer: MetricsWriter
+    bar: _Progress
+    guard: NonFiniteGuard
+    pending: tuple[int, Any] | None = None  # (step, metrics) not recorded yet
+    losses: dict[int, float] = dataclasses.field(default_factory=dict)
+    skipped: list[int] = dataclasses.field(default_factory=list)
+    timing: bool = False  # a step was recorded: throughput and progress bar started
+    profiling: bool = False
+    preempted: bool = False
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
 
 
 class Trainer:
@@ -514,6 +501,39 @@ class Trainer:
         return train_it, eval_ds, state, existing
 
     def _run(self) -> RunResult:
+        """The step loop; the hooks below do the rest, each at its point of a step or of the run."""
+        r = self._open_run()
+        try:
+            with StopSignals() as signals:
+                for s in range(r.start, self.cfg.steps):
+                    self._profile_start(r, s)
+                    metrics = self._train_one(r, s)
+                    self._profile_stop(r, metrics)
+                    self._eval_hook(r)
+                    stop = self._stop_agreed(signals.requested)
+                    self._checkpoint_hook(r, force=stop)
+                    if stop:
+                        self._preempt(r, signals.requested)
+                        break
+                self._finish_steps(r)
+            eval_loss = self._final_eval(r)
+            sample = self._sample_hook(r)
+        finally:
+            r.close()
+            self.checkpointer.close()
+        return RunResult(
+            start_step=r.start,
+            final_step=r.done,
+            losses=r.losses,
+            skipped=r.skipped,
+            eval_loss=eval_loss,
+            sample=sample,
+            preempted=r.preempted,
+        )
+
+    # ---- run hooks (in the order of one run)
+    def _open_run(self) -> _RunState:
+        """Start-up lines, data and state (restored or initialised), config.yaml, metrics outputs."""
         cfg = self.cfg
         for line in self._summary() + self._warnings():
             self.echo(line)
@@ -532,122 +552,134 @@ class Trainer:
         start = int(jax.device_get(state.step))
         if self.primary:
             truncate_jsonl(self.run_dir / "metrics.jsonl", start)
-        writer = MetricsWriter(
-            self.run_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard, primary=self.primary
+        return _RunState(
+            state=state,
+            train_it=train_it,
+            eval_ds=eval_ds,
+            start=start,
+            done=start,
+            last_saved=latest,
+            writer=MetricsWriter(
+                self.run_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard, primary=self.primary
+            ),
+            bar=_Progress(cfg.steps, enabled=self.primary and cfg.log.progress, echo=self.echo),
+            guard=NonFiniteGuard(cfg.max_skipped_steps, cfg.optimizer.lr),
         )
-        bar = _Progress(cfg.steps, enabled=self.primary and cfg.log.progress, echo=self.echo)
-        out = bar.write
-        guard = NonFiniteGuard(cfg.max_skipped_steps, cfg.optimizer.lr)
 
-        losses: dict[int, float] = {}
-        skipped: list[int] = []
-        first_recorded = [False]
+    def _train_one(self, r: _RunState, s: int) -> Any:
+        """Step ``s`` -> ``s + 1``; its metrics are recorded one step late (the host never waits)."""
+        local = next(r.train_it)
+        if s == r.start:
+            r.bar.write("compiling the train step (the first step takes longer) ...")
+        with mesh_context(self.mesh, self.rules):
+            r.state, metrics = self.train_step(r.state, self._global_batch(local), *self._step_extra)
+        r.done = s + 1
+        self._flush(r)
+        r.pending = (r.done, metrics)
+        return metrics
 
-        def record(step_no: int, metrics: Any) -> None:
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            values["skipped"] = int(values["skipped"])
-            losses[step_no] = values["loss"]
-            if values["skipped"]:
-                skipped.append(step_no)
-                out(f"step {step_no}: non-finite loss/gradient, update skipped")
-            if not first_recorded[0]:
-                first_recorded[0] = True
-                self.throughput.start()  # exclude compilation from the first window
-                bar.start(step_no - 1)  # and from the progress bar's rate and ETA
-            else:
-                self.throughput.tick()
-            if step_no % cfg.log.interval == 0 or step_no == cfg.steps:
-                window = self.throughput.read()
-                if window:
-                    values.update(window)
-                out(format_line(step_no, cfg.steps, values))
-                bar.postfix(values["loss"])
-            writer.write(step_no, "train", values)
-            bar.update()
-            guard.check(step_no, bool(values["skipped"]), last_saved)
+    def _flush(self, r: _RunState) -> None:
+        """Record the pending step's metrics, if any."""
+        if r.pending is not None:
+            self._record(r, *r.pending)
+            r.pending = None
 
-        preempted = False
-        last_saved = latest
-        eval_loss = None
-        profiling = False
-        prof = cfg.profiler
-        try:
-            with StopSignals() as signals:
-                pending: tuple[int, Any] | None = None
-                done = start
-                for s in range(start, cfg.steps):
-                    if prof.start_step >= 0 and s == prof.start_step and not profiling:
-                        jax.profiler.start_trace(str(self.run_dir / "profile"))
-                        profiling = True
-                    local = next(train_it)
-                    if s == start:
-                        out("compiling the train step (the first step takes longer) ...")
-                    with mesh_context(self.mesh, self.rules):
-                        state, metrics = self.train_step(state, self._global_batch(local), *self._step_extra)
-                    done = s + 1
-                    if pending is not None:
-                        record(*pending)
-                    pending = (done, metrics)
-                    if profiling and done >= prof.start_step + prof.num_steps:
-                        jax.block_until_ready(metrics)
-                        jax.profiler.stop_trace()
-                        profiling = False
-                        out(
-                            f"profile of steps {prof.start_step}..{done - 1} written to {self.run_dir / 'profile'}"
-                        )
-                    if cfg.eval.interval and done % cfg.eval.interval == 0 and done < cfg.steps:
-                        record(*pending)
-                        pending = None
-                        ev = self.evaluate(state, eval_ds)
-                        if ev is not None:
-                            writer.write(done, "eval", {"loss": ev})
-                            out(f"step {done}/{cfg.steps} | eval loss {ev:.4f}")
-                        self.throughput.start()
-                    stop = self._stop_agreed(signals.requested)
-                    if done % cfg.checkpoint.interval == 0 or stop:
-                        if pending is not None:
-                            record(*pending)
-                            pending = None
-                        self.checkpointer.save(done, state, train_it.get_state(), self._meta())
-                        last_saved = done
-                    if stop:
-                        preempted = True
-                        out(
-                            f"stop requested ({signals.requested or 'another process'}): saved step {done} to "
-                            f"{self.checkpointer.directory}; exiting"
-                        )
-                        break
-                if pending is not None:
-                    record(*pending)
-                if not preempted:
-                    guard.check_all(start, done, len(skipped), last_saved)
-                if profiling:
-                    jax.profiler.stop_trace()
-                if last_saved != done:
-                    self.checkpointer.save(done, state, train_it.get_state(), self._meta())
-                self.checkpointer.wait()
-            if not preempted and cfg.eval.at_end:
-                eval_loss = self.evaluate(state, eval_ds)
-                if eval_loss is not None:
-                    writer.write(done, "eval", {"loss": eval_loss})
-                    out(f"final eval loss {eval_loss:.4f} (held-out split)")
-            sample = None
-            if not preempted and cfg.eval.sample_tokens > 0:
-                sample = self._sample(state)
-                out("sample:\n" + sample)
-        finally:
-            bar.close()
-            writer.close()
-            self.checkpointer.close()
-        return RunResult(
-            start_step=start,
-            final_step=done,
-            losses=losses,
-            skipped=skipped,
-            eval_loss=eval_loss,
-            sample=sample if not preempted else None,
-            preempted=preempted,
+    def _record(self, r: _RunState, step_no: int, metrics: Any) -> None:
+        """One step's metrics: losses, the progress bar, the log line, metrics files, the non-finite guard."""
+        cfg = self.cfg
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        values["skipped"] = int(values["skipped"])
+        r.losses[step_no] = values["loss"]
+        if values["skipped"]:
+            r.skipped.append(step_no)
+            r.bar.write(f"step {step_no}: non-finite loss/gradient, update skipped")
+        if not r.timing:
+            r.timing = True
+            self.throughput.start()  # exclude compilation from the first window
+            r.bar.start(step_no - 1)  # and from the progress bar's rate and ETA
+        else:
+            self.throughput.tick()
+        if step_no % cfg.log.interval == 0 or step_no == cfg.steps:
+            window = self.throughput.read()
+            if window:
+                values.update(window)
+            r.bar.write(format_line(step_no, cfg.steps, values))
+            r.bar.postfix(values["loss"])
+        r.writer.write(step_no, "train", values)
+        r.bar.update()
+        r.guard.check(step_no, bool(values["skipped"]), r.last_saved)
+
+    def _profile_start(self, r: _RunState, s: int) -> None:
+        prof = self.cfg.profiler
+        if prof.start_step >= 0 and s == prof.start_step and not r.profiling:
+            jax.profiler.start_trace(str(self.run_dir / "profile"))
+            r.profiling = True
+
+    def _profile_stop(self, r: _RunState, metrics: Any) -> None:
+        prof = self.cfg.profiler
+        if r.profiling and r.done >= prof.start_step + prof.num_steps:
+            jax.block_until_ready(metrics)
+            jax.profiler.stop_trace()
+            r.profiling = False
+            r.bar.write(
+                f"profile of steps {prof.start_step}..{r.done - 1} written to {self.run_dir / 'profile'}"
+            )
+
+    def _eval_hook(self, r: _RunState) -> None:
+        """Every ``eval.interval`` steps (not the last): held-out loss."""
+        interval, steps = self.cfg.eval.interval, self.cfg.steps
+        if not (interval and r.done % interval == 0 and r.done < steps):
+            return
+        self._flush(r)
+        ev = self.evaluate(r.state, r.eval_ds)
+        if ev is not None:
+            r.writer.write(r.done, "eval", {"loss": ev})
+            r.bar.write(f"step {r.done}/{steps} | eval loss {ev:.4f}")
+        self.throughput.start()
+
+    def _checkpoint_hook(self, r: _RunState, *, force: bool = False) -> None:
+        """Every ``checkpoint.interval`` steps, or when ``force``: save state and data position."""
+        if r.done % self.cfg.checkpoint.interval == 0 or force:
+            self._flush(r)
+            self._save(r)
+
+    def _save(self, r: _RunState) -> None:
+        self.checkpointer.save(r.done, r.state, r.train_it.get_state(), self._meta())
+        r.last_saved = r.done
+
+    def _preempt(self, r: _RunState, requested: str | None) -> None:
+        r.preempted = True
+        r.bar.write(
+            f"stop requested ({requested or 'another process'}): saved step {r.done} to "
+            f"{self.checkpointer.directory}; exiting"
         )
+
+    def _finish_steps(self, r: _RunState) -> None:
+        """After the last step: its metrics, the all-skipped check, the profile, the final checkpoint."""
+        self._flush(r)
+        if not r.preempted:
+            r.guard.check_all(r.start, r.done, len(r.skipped), r.last_saved)
+        if r.profiling:
+            jax.profiler.stop_trace()
+        if r.last_saved != r.done:
+            self._save(r)
+        self.checkpointer.wait()
+
+    def _final_eval(self, r: _RunState) -> float | None:
+        if r.preempted or not self.cfg.eval.at_end:
+            return None
+        eval_loss = self.evaluate(r.state, r.eval_ds)
+        if eval_loss is not None:
+            r.writer.write(r.done, "eval", {"loss": eval_loss})
+            r.bar.write(f"final eval loss {eval_loss:.4f} (held-out split)")
+        return eval_loss
+
+    def _sample_hook(self, r: _RunState) -> str | None:
+        if r.preempted or self.cfg.eval.sample_tokens <= 0:
+            return None
+        sample = self._sample(r.state)
+        r.bar.write("sample:\n" + sample)
+        return sample
 
     def _initial_state(self):
         """Step 0: the weights of ``stage.init_from`` (converted to this model), else a random init."""

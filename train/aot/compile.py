@@ -42,7 +42,7 @@ from train.aot.memory import (
     parse_out_of_memory,
 )
 from train.aot.topology import Topology, TopologyError, parse_topology, topology_devices
-from train.config import ConfigError, TrainConfig, load_config
+from train.config import ConfigError, TrainConfig, load_config, resolve_model_config
 from train.mesh import MeshError, check_divisible, make_mesh, mesh_context
 
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_COMPILE_ERROR = 0, 1, 3
@@ -250,7 +250,6 @@ def build_train(cfg: TrainConfig, topo: Topology, devices: Sequence[Any] | None 
         jit_train_step,
         make_train_step,
     )
-    from train.trainer import resolve_model_config
     from wuneng_jax.models import build_model
 
     mesh = build_mesh(cfg, topo, devices)

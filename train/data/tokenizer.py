@@ -233,3 +233,19 @@ def tokenizer_of_dir(directory: str | os.PathLike) -> str | None:
 
         return str(read_json(directory / SPEC_FILE).get("kind"))
     return None
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's context/continuation split: trailing context spaces move into the continuation, the
+    continuation tokens are ``encode(context + continuation)`` past ``encode(context)``; an empty
+    context becomes the EOS token (something to condition on)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    cont = whole[len(ctx) :]
+    if not cont:
+        raise ValueError(f"continuation {continuation!r} encodes to no token")
+    return (ctx or [tokenizer.eos_id]), cont

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from train.experiments.runner import load_result
 from train.experiments.spec import ExperimentSpec, RunSpec
 
 CSV_FIELDS = (
@@ -37,6 +36,19 @@ CSV_FIELDS = (
     "cpu_s",
 )
 METRICS = ("accuracy", "last_accuracy", "seq_accuracy", "ce", "train_loss")
+RESULT_FILE = "result.json"  # in each run directory, written by train.experiments.runner.execute
+
+
+def load_result(run: RunSpec) -> dict[str, Any] | None:
+    """The run's result if it is complete for exactly this configuration, else None."""
+    path = Path(run.run_dir) / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        res = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return res if res.get("fingerprint") == run.fingerprint else None
 
 
 def collect(runs: Sequence[RunSpec]) -> list[dict[str, Any]]:

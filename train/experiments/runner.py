@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from train.experiments.report import RESULT_FILE, load_result, write_report
 from train.experiments.spec import (
     ExperimentError,
     ExperimentSpec,
@@ -37,7 +38,6 @@ from train.experiments.spec import (
 )
 
 log = logging.getLogger(__name__)
-RESULT_FILE = "result.json"
 
 
 class Preempted(RuntimeError):
@@ -109,18 +109,6 @@ def format_param_table(table: Sequence[dict[str, Any]]) -> str:
 
 # --------------------------------------------------------------------------------------------
 # One run
-
-
-def load_result(run: RunSpec) -> dict[str, Any] | None:
-    """The run's result if it is complete for exactly this configuration, else None."""
-    path = Path(run.run_dir) / RESULT_FILE
-    if not path.is_file():
-        return None
-    try:
-        res = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return res if res.get("fingerprint") == run.fingerprint else None
 
 
 def _data_factory(run: RunSpec) -> Callable[[Any], tuple[Any, None]]:
@@ -414,8 +402,6 @@ def run_experiment(
 def _run_experiment(
     spec: ExperimentSpec, *, workers: int | None, max_runs: int | None, echo: Callable[[str], None]
 ) -> dict[str, Any]:
-    from train.experiments import report
-
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -425,7 +411,7 @@ def _run_experiment(
     (out / "params.json").write_text(json.dumps(table, indent=1))
     cache = out / "jax_cache" if spec.compile_cache else None
     counts = run_grid(runs, workers=workers or spec.workers, cache_dir=cache, max_runs=max_runs, echo=echo)
-    files = report.write_report(spec, runs, table)
+    files = write_report(spec, runs, table)
     elapsed = time.perf_counter() - t0
     echo(f"{counts['ran']} runs in {_fmt_s(elapsed)}; results in {out}: " + ", ".join(p.name for p in files))
     if counts["remaining"]:
@@ -458,9 +444,7 @@ def run(args: argparse.Namespace) -> int:
         runs, table = setup(spec)
         print("parameters (matched to " + spec.reference + "):\n" + format_param_table(table))
         if args.report_only:
-            from train.experiments import report
-
-            files = report.write_report(spec, runs, table)
+            files = write_report(spec, runs, table)
             print("wrote " + ", ".join(str(p) for p in files))
             return 0
         for r in runs:
@@ -486,4 +470,4 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["Preempted", "execute", "load_result", "run_experiment", "run_grid", "setup"]
+__all__ = ["Preempted", "execute", "run_experiment", "run_grid", "setup"]

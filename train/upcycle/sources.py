@@ -240,13 +240,13 @@ def _restore_run_params(src: Source, cfg: Any, mesh, rules: Rules) -> nnx.Module
     ``cfg.param_dtype``). Only ``params`` is read (partial restore), not the optimizer state."""
     import orbax.checkpoint as ocp
 
-    from train.state import specs_to_shardings as _specs_to_shardings
+    from train.state import specs_to_shardings
     from wuneng_jax.models import build_model
 
     with mesh_context(mesh, rules):
         model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        shardings = _specs_to_shardings(nnx.get_partition_spec(params), mesh)
+        shardings = specs_to_shardings(nnx.get_partition_spec(params), mesh)
     target = {
         "params": jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings
@@ -275,7 +275,7 @@ def _restore_run_params(src: Source, cfg: Any, mesh, rules: Rules) -> nnx.Module
 
 def _random_model(cfg: Any, seed: int, mesh, rules: Rules) -> nnx.Module:
     """``build_model(cfg, rngs=Rngs(seed))``, initialised in one jitted call directly into its shards."""
-    from train.state import specs_to_shardings as _specs_to_shardings
+    from train.state import specs_to_shardings
     from wuneng_jax.models import build_model
 
     def init() -> Any:
@@ -283,7 +283,7 @@ def _random_model(cfg: Any, seed: int, mesh, rules: Rules) -> nnx.Module:
 
     with mesh_context(mesh, rules):
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(seed))))
-        shardings = _specs_to_shardings(nnx.get_partition_spec(abstract), mesh)
+        shardings = specs_to_shardings(nnx.get_partition_spec(abstract), mesh)
         return nnx.merge(graphdef, jax.jit(init, out_shardings=shardings)())
 
 

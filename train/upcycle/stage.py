@@ -16,7 +16,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from train.config import ConfigError, Rules, TrainConfig
+from train.config import ConfigError, Rules, TrainConfig, resolve_model_config
 from train.mesh import mesh_context
 from train.upcycle import sources
 from train.upcycle.params import TrainableSplit, describe_split, trainable_split
@@ -40,11 +40,11 @@ class TeacherPlan:
 
     def _abstract(self, mesh, rules: Rules) -> tuple[Any, Any]:
         """(abstract parameter State, its NamedShardings) as built under ``mesh``/``rules``."""
-        from train.state import specs_to_shardings as _specs_to_shardings
+        from train.state import specs_to_shardings
 
         with mesh_context(mesh, rules):
             abstract = nnx.state(nnx.eval_shape(lambda: Qwen2(self.cfg, rngs=nnx.Rngs(0))), nnx.Param)
-            return abstract, _specs_to_shardings(nnx.get_partition_spec(abstract), mesh)
+            return abstract, specs_to_shardings(nnx.get_partition_spec(abstract), mesh)
 
     def shardings(self, mesh, rules: Rules) -> Any:
         return self._abstract(mesh, rules)[1]
@@ -84,8 +84,6 @@ class StagePlan:
 
 def plan_stage(cfg: TrainConfig, *, model_builder: Callable[..., Any] | None = None) -> StagePlan:
     """The :class:`StagePlan` of ``cfg`` (a plain pretraining run gives a plan that changes nothing)."""
-    from train.trainer import resolve_model_config
-
     st = cfg.stage
     init_source = None
     if st.init_from is not None:
