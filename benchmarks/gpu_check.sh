@@ -9,7 +9,8 @@
 #   2. Triton compile + numerics of the fused wkv7 kernels vs the float64 loop, every input family, forward and
 #      all gradients, at a small shape (benchmarks/wkv7_numerics.py)
 #   3. wkv7 forward and forward+backward at B=8 T=4096 H=64 N=64 bf16: pallas (fused) vs chunked (XLA) vs fla's
-#      chunk_rwkv7, with the numerics checks at that shape and the chunk / warps / stages sweep (wkv7_gpu.py)
+#      chunk_rwkv7, with the numerics checks at that shape (wkv7_gpu.py); then the chunk / warps / stages sweep
+# The time limits add up to 470 s (7.8 min) plus the wheel install.
 #   4. train-step tokens/s and MFU for qwen2 / wuneng / rwkv7 at the 150m size (train_step.py)
 #   5. decode tokens/s (decode.py, 0.5B-like shape, contexts 1k-8k)
 # The GPU image has its own jax (0.11.x, CUDA 13) and torch; the wheels add what it lacks or pins differently
@@ -51,9 +52,11 @@ step() {  # step NAME SECONDS COMMAND...
   return 0
 }
 
-step env 30 bash -c 'nvidia-smi; python3 -c "import jax, triton; print(jax.__version__, jax.devices(), triton.__version__)"; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"'
-step numerics 90 python3 benchmarks/wkv7_numerics.py
-step wkv7 180 python3 benchmarks/wkv7_gpu.py --reps 10 --sweep
+step env 20 bash -c 'nvidia-smi; python3 -c "import jax, triton; print(jax.__version__, jax.devices(), triton.__version__)"; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"'
+step numerics 70 python3 benchmarks/wkv7_numerics.py
+step wkv7 130 python3 benchmarks/wkv7_gpu.py --reps 10
+# the sweep prints one line per configuration (kept in its log even if the step runs out of time)
+step wkv7_sweep 90 python3 benchmarks/wkv7_gpu.py --reps 5 --warmup 1 --sweep --no-fla --no-check
 step train_step 100 python3 benchmarks/train_step.py --size 150m --reps 5
 step decode 60 python3 benchmarks/decode.py --contexts 1024 4096 8192 --steps 32 --reps 3
 echo "results in $OUT:"

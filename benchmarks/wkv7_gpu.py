@@ -310,8 +310,8 @@ def sweep_configs(target: str) -> list[tuple[int, FusedConfig]]:
         return [(c, FusedConfig()) for c in (16, 32, 64, 128)]
     return [
         (c, FusedConfig(num_warps=warps, num_stages=stages))
-        for c in (16, 32, 64)
-        for warps in (2, 4, 8)
+        for c in (16, 32)
+        for warps in (4, 8)
         for stages in (1, 2)
     ]
 
