@@ -350,6 +350,10 @@ def main(
         if note:
             print(note)
             notes.append(note)
+        for (label, mode), sec in sorted(
+            times.items()
+        ):  # printed now: kept in the log if a later part times out
+            print(f"{label}: {mode} {sec * 1e3:.3f} ms", flush=True)
 
     xs = [jnp.asarray(inputs[k], jnp.bfloat16) for k in NAMES]
     do = jnp.asarray(inputs["do"])
