@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +82,17 @@ def test_models_with_the_sequence_split_match_the_unsplit_run(name):
     with mesh_context(_mesh(), DEFAULT_RULES):
         assert "sequence" in str(jax.make_jaxpr(loss)(params, tokens)).split("shard_map")[1][:2000]
         (got_loss, got_logits), got_grads = grad(params, tokens)
+        if (
+            name == "rwkv7_tiny"
+        ):  # the recurrence gathers no activation: only [P,B,H,N,N] summaries, token flags
+            hlo = grad.lower(params, tokens).compile().as_text()
+            gathered = set(re.findall(r"= (\w+)\[([\d,]*)\]\{[^}]*\} all-gather\(", hlo))
+            assert gathered, "expected the block summaries' all-gathers"
+            for dtype, dims in gathered:
+                shape = tuple(int(x) for x in dims.split(","))
+                assert (dtype == "f32" and len(shape) == 5 and shape[0] == 4 and shape[-1] == shape[-2]) or (
+                    dtype in ("pred", "s32") and len(shape) == 2
+                ), (dtype, shape)
     assert rel_err(got_logits, ref_logits) <= 1e-5, rel_err(got_logits, ref_logits)
     assert abs(float(got_loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
     worst = max(
