@@ -86,6 +86,19 @@ def _cost(bsz, seq_len, heads, n, chunk, arrays, backward: bool) -> pl.CostEstim
     )
 
 
+def _fwd_outputs(o_shape, o_dtype, s0, num_chunks: int, specs, inputs, save_states: bool):
+    """``(out_shape, out_specs)`` of a forward kernel: ``o``, the state entering each chunk (only when
+    ``save_states``: the backward's checkpoints) and the final state. ``specs`` = (rows, per-chunk, state)."""
+    bsz, heads, n, _ = s0.shape
+    shapes = ((o_shape, o_dtype), ((bsz, heads, num_chunks, n, n), s0.dtype), (s0.shape, s0.dtype))
+    outs = [
+        (_out_struct(shape, dtype, *inputs), spec) for (shape, dtype), spec in zip(shapes, specs, strict=True)
+    ]
+    if not save_states:
+        del outs[1]
+    return [o for o, _ in outs], [spec for _, spec in outs]
+
+
 # ------------------------------------------------------------------------------------------- TPU (Mosaic)
 
 
@@ -204,14 +217,9 @@ def _fwd_tpu(r, w, k, v, a, b, reset, s0, *, chunk: int, interpret: bool, save_s
     num_chunks, group = seq_len // chunk, tpu_head_group(heads, n)
     rows, reset_spec, per_chunk, state = _tpu_specs(chunk, n, group, num_chunks, reverse=False)
     inputs = (*_lane_dense(r, w, k, v, a, b), reset, s0)
-    out_shape = [
-        _out_struct(inputs[0].shape, r.dtype, *inputs),
-        _out_struct((bsz, heads, num_chunks, n, n), s0.dtype, *inputs),
-        _out_struct(s0.shape, s0.dtype, *inputs),
-    ]
-    out_specs = [rows, per_chunk, state]
-    if not save_states:
-        del out_shape[1], out_specs[1]
+    out_shape, out_specs = _fwd_outputs(
+        inputs[0].shape, r.dtype, s0, num_chunks, (rows, per_chunk, state), inputs, save_states
+    )
     o, *states = pl.pallas_call(
         functools.partial(_tpu_fwd_kernel, save_states=save_states),
         grid=(bsz, heads // group, num_chunks),
@@ -318,14 +326,9 @@ def _fwd_gpu(
     num_chunks = seq_len // chunk
     rows, reset_spec, per_chunk, state = _gpu_specs(seq_len, n, num_chunks)
     inputs = (r, w, k, v, a, b, reset, s0)
-    out_shape = [
-        _out_struct(r.shape, r.dtype, *inputs),
-        _out_struct((bsz, heads, num_chunks, n, n), s0.dtype, *inputs),
-        _out_struct(s0.shape, s0.dtype, *inputs),
-    ]
-    out_specs = [rows, per_chunk, state]
-    if not save_states:
-        del out_shape[1], out_specs[1]
+    out_shape, out_specs = _fwd_outputs(
+        r.shape, r.dtype, s0, num_chunks, (rows, per_chunk, state), inputs, save_states
+    )
     return pl.pallas_call(
         functools.partial(_gpu_fwd_kernel, num_chunks=num_chunks, save_states=save_states),
         grid=(bsz, heads),

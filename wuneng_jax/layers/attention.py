@@ -40,19 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import spmd
 
-from wuneng_jax.layers.context_attention import context_parallel_attention
+from wuneng_jax.layers.context_attention import batch_head_axes, context_parallel_attention, large_negative
 from wuneng_jax.layers.params import sharding_active
-from wuneng_jax.sharding import ACT_HEADS, ACT_KV_HEADS, BATCH
 
 AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "splash"]
 IMPLS: tuple[str, ...] = ("auto", "reference", "xla", "cudnn", "splash")
 
 _SPLASH_BLOCK = 128
-
-
-def _large_negative(dtype: jnp.dtype) -> jax.Array:
-    # Finite, so a fully masked row softmaxes to a uniform average instead of NaN; capped at float32 range.
-    return jnp.asarray(-0.7 * min(float(jnp.finfo(dtype).max), float(jnp.finfo(jnp.float32).max)), dtype)
 
 
 def attention_mask(
@@ -81,7 +75,7 @@ def reference_attention(
     qg = q.reshape(b, t, g, h // g, d)
     logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=acc) * jnp.asarray(scale, acc)
     if mask is not None:
-        logits = jnp.where(mask[:, :, None], logits, _large_negative(acc))
+        logits = jnp.where(mask[:, :, None], logits, large_negative(acc))
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, preferred_element_type=acc)
     return out.reshape(b, t, h, d).astype(q.dtype)
@@ -132,13 +126,6 @@ def _splash_local(q, k, v, seg_q, seg_kv, *, causal: bool, scale: float, interpr
     return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def _mesh_axes_size(mesh, axes) -> int:
-    if axes is None:
-        return 1
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-
-
 def _splash(q, k, v, seg_q, seg_kv, *, causal: bool, scale: float, interpret: bool) -> jax.Array:
     local = functools.partial(_splash_local, causal=causal, scale=scale, interpret=interpret)
     if not sharding_active():
@@ -146,16 +133,8 @@ def _splash(q, k, v, seg_q, seg_kv, *, causal: bool, scale: float, interpret: bo
     # A Pallas call under a sharded jit must sit inside shard_map: shard batch, and heads where both the
     # query and KV head counts divide the head axes' size; gather the sequence (splash is not ring attention).
     mesh = jax.sharding.get_abstract_mesh()
-    rules = spmd.get_logical_axis_rules()
+    batch_axes, head_axes = batch_head_axes(mesh, spmd.get_logical_axis_rules(), q, k)
     P = jax.sharding.PartitionSpec
-    batch_axes = spmd.apply_rules(P(BATCH), rules)[0]
-    head_axes = spmd.apply_rules(P(ACT_HEADS), rules)[0]
-    kv_axes = spmd.apply_rules(P(ACT_KV_HEADS), rules)[0]
-    if batch_axes is not None and q.shape[0] % _mesh_axes_size(mesh, batch_axes) != 0:
-        batch_axes = None
-    n_head = _mesh_axes_size(mesh, head_axes)
-    if head_axes != kv_axes or q.shape[2] % n_head != 0 or k.shape[2] % n_head != 0:
-        head_axes = None
     qs = P(batch_axes, None, head_axes, None)
     ss = P(batch_axes, None)
     fn = jax.shard_map(local, mesh=mesh, in_specs=(qs, qs, qs, ss, ss), out_specs=qs, check_vma=False)

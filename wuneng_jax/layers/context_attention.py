@@ -26,15 +26,32 @@ from flax.core import spmd
 from wuneng_jax.sharding import ACT_HEADS, ACT_KV_HEADS, BATCH, LENGTH
 
 
-def _axes_size(mesh, axes) -> int:
+def mesh_axes_size(mesh, axes) -> int:
+    """The number of devices along ``axes`` (a mesh axis name, a tuple of names, or None) of ``mesh``."""
     if axes is None:
         return 1
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
-def _large_negative(dtype) -> jax.Array:
-    return jnp.asarray(-0.7 * float(jnp.finfo(jnp.float32).max), dtype)
+def large_negative(dtype) -> jax.Array:
+    """A finite stand-in for -inf in masked logits: a fully masked row softmaxes to a uniform average, not NaN."""
+    return jnp.asarray(-0.7 * min(float(jnp.finfo(dtype).max), float(jnp.finfo(jnp.float32).max)), dtype)
+
+
+def batch_head_axes(mesh, rules, q: jax.Array, k: jax.Array) -> tuple:
+    """Mesh axes of the batch and head dims of attention inputs under the logical rules: the batch axes when
+    they divide B, the head axes when query and KV heads map to the same axes and both counts divide them
+    (else None each: that dim stays whole)."""
+    P = jax.sharding.PartitionSpec
+    batch_axes = spmd.apply_rules(P(BATCH), rules)[0]
+    if q.shape[0] % mesh_axes_size(mesh, batch_axes):
+        batch_axes = None
+    head_axes = spmd.apply_rules(P(ACT_HEADS), rules)[0]
+    n_head = mesh_axes_size(mesh, head_axes)
+    if head_axes != spmd.apply_rules(P(ACT_KV_HEADS), rules)[0] or q.shape[2] % n_head or k.shape[2] % n_head:
+        head_axes = None
+    return batch_axes, head_axes
 
 
 def _blocked_local(q, k, v, seg_q, seg_kv, *, axis, causal: bool, scale: float) -> jax.Array:
@@ -48,7 +65,7 @@ def _blocked_local(q, k, v, seg_q, seg_kv, *, axis, causal: bool, scale: float) 
     q_pos = jax.lax.axis_index(axis) * tl + jnp.arange(tl)
     qg = q.reshape(b, tl, g, h // g, d)
     split = lambda x: jnp.moveaxis(x.reshape(b, blocks, tl, *x.shape[2:]), 1, 0)
-    neg = _large_negative(acc)
+    neg = large_negative(acc)
 
     def step(carry, xs):
         m, l, o = carry  # [B,G,R,Tl], [B,G,R,Tl], [B,G,R,Tl,D]
@@ -84,16 +101,10 @@ def context_parallel_attention(q, k, v, seg_q, seg_kv, *, causal: bool, scale: f
         return None
     P = jax.sharding.PartitionSpec
     seq_axes = spmd.apply_rules(P(LENGTH), rules)[0]
-    n_seq = _axes_size(mesh, seq_axes)
+    n_seq = mesh_axes_size(mesh, seq_axes)
     if n_seq <= 1 or q.shape[1] % n_seq:
         return None
-    batch_axes = spmd.apply_rules(P(BATCH), rules)[0]
-    if q.shape[0] % _axes_size(mesh, batch_axes):
-        batch_axes = None
-    head_axes = spmd.apply_rules(P(ACT_HEADS), rules)[0]
-    n_head = _axes_size(mesh, head_axes)
-    if head_axes != spmd.apply_rules(P(ACT_KV_HEADS), rules)[0] or q.shape[2] % n_head or k.shape[2] % n_head:
-        head_axes = None
+    batch_axes, head_axes = batch_head_axes(mesh, rules, q, k)
     if seg_q is None:
         seg_q = seg_kv = jnp.ones(q.shape[:2], jnp.int32)
     rows, ids = P(batch_axes, seq_axes, head_axes, None), P(batch_axes, seq_axes)
