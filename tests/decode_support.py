@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from wuneng_jax.decode import Decoder, left_pad
+from wuneng_jax.layers.stack import per_layer_params, set_per_layer_params
 from wuneng_jax.models.qwen2 import Qwen2, Qwen2Config
 from wuneng_jax.models.rwkv7 import RWKV7, RWKV7Config
 from wuneng_jax.models.wuneng import WuNeng
@@ -58,8 +59,9 @@ def randomize(model: nnx.Module, seed: int) -> nnx.Module:
     """Random float32 parameters: matrices ``N(0, 1/fan_in)``, norm scales ``1 + N(0, 0.2²)``, other
     vectors ``N(0, 0.5²)`` (so every branch, decay and gate is active)."""
     rng = np.random.default_rng(seed)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        shape = tuple(var.shape)
+    values = {}
+    for path, cur in per_layer_params(model).items():
+        shape = tuple(cur.shape)
         name = str(path[-1])
         if len(shape) >= 2:
             val = rng.standard_normal(shape) / math.sqrt(shape[-2])
@@ -67,7 +69,8 @@ def randomize(model: nnx.Module, seed: int) -> nnx.Module:
             val = 1.0 + 0.2 * rng.standard_normal(shape)
         else:
             val = 0.5 * rng.standard_normal(shape)
-        var.set_value(jnp.asarray(val, jnp.float32))
+        values[path] = np.asarray(val, np.float32)
+    set_per_layer_params(model, values)
     return model
 
 

@@ -18,7 +18,7 @@ import pytest
 from decode_support import CONFIGS, check_decode_parity, make_model
 
 from wuneng_jax.decode import Decoder, left_pad, state_nbytes
-from wuneng_jax.decode.families import init_state, prefill
+from wuneng_jax.decode.steps import init_state, prefill
 
 
 @pytest.mark.parametrize("family", ["qwen2", "rwkv7", "wuneng"])
@@ -42,23 +42,33 @@ def test_pad_tokens_do_not_reach_results():
 
 
 def test_decode_state_layout_and_memory():
-    """State shapes: KV cache [L,B,S,G,D] (compute dtype), RWKV state [B,H,N,N] float32, token shifts."""
+    """State shapes: KV cache [B,S,G,D] per layer (compute dtype; stacked [L,B,S,G,D] in one scanned group),
+    RWKV state [B,H,N,N] float32, token shifts."""
     b, s = 3, 10
-    q = Decoder(make_model("qwen2")).init_state(b, s)
+    qm, rm, wm = (make_model(f) for f in ("qwen2", "rwkv7", "wuneng"))
+    q = Decoder(qm).init_state(b, s)
     c = CONFIGS["qwen2"]
-    assert q.kv.k.shape == (c.num_layers, b, s, c.num_kv_heads, c.head_dim) and q.recurrent is None
-    r = Decoder(make_model("rwkv7")).init_state(b, s)
+    assert q.caches[0][0].k.shape == (c.num_layers, b, s, c.num_kv_heads, c.head_dim)
+    q_layers = qm.layers.layer_caches(q.caches)
+    assert len(q_layers) == c.num_layers
+    assert all(kv.k.shape == kv.v.shape == (b, s, c.num_kv_heads, c.head_dim) for kv in q_layers)
+    r = Decoder(rm).init_state(b, s)
     rc = CONFIGS["rwkv7"]
-    assert r.kv is None
-    assert r.recurrent.att_kv.shape == (rc.n_layer, b, rc.n_head, rc.head_size, rc.head_size)
-    assert r.recurrent.att_kv.dtype == jnp.float32 and r.recurrent.att_x.shape == (rc.n_layer, b, rc.n_embd)
-    w = Decoder(make_model("wuneng")).init_state(b, s)
+    assert r.valid is None and r.max_len is None
+    r_layers = rm.blocks.layer_caches(r.caches)
+    assert len(r_layers) == rc.n_layer
+    for st in r_layers:
+        assert st.att_kv.shape == (b, rc.n_head, rc.head_size, rc.head_size)
+        assert st.att_kv.dtype == jnp.float32 and st.att_x.shape == st.ffn_x.shape == (b, rc.n_embd)
+    w = Decoder(wm).init_state(b, s)
     wc = CONFIGS["wuneng"]
-    assert w.recurrent[0] is None  # layer 0 is plain attention
-    assert w.recurrent[1].wkv.shape == (b, wc.state_heads, wc.state_head_size, wc.state_head_size)
-    assert w.recurrent[1].shift.shape == (b, wc.hidden_size) and w.recurrent[1].wkv.dtype == jnp.float32
+    w_layers = wm.layers.layer_caches(w.caches)
+    assert not hasattr(w_layers[0], "state")  # layer 0 is plain attention: a KV cache only
+    st = w_layers[1].state
+    assert st.wkv.shape == (b, wc.state_heads, wc.state_head_size, wc.state_head_size)
+    assert st.shift.shape == (b, wc.hidden_size) and st.wkv.dtype == jnp.float32
     kv_bytes = 2 * c.num_layers * b * s * c.num_kv_heads * c.head_dim * 4 + b * s  # + valid mask
-    assert state_nbytes(q.kv) == kv_bytes
+    assert state_nbytes((q.caches, q.valid)) == kv_bytes
     extra = b * (wc.hidden_size + wc.state_heads * wc.state_head_size**2) * 4  # one hybrid layer
     assert state_nbytes(w) == state_nbytes(q) + extra
 

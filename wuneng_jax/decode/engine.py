@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from wuneng_jax.decode import families
+from wuneng_jax.decode import steps as families
 from wuneng_jax.decode.sampling import SamplingConfig, sample
 from wuneng_jax.decode.state import DecodeState, bucket_length, left_pad
 

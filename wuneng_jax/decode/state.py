@@ -2,9 +2,11 @@
 
 Every family shares one outer structure, :class:`DecodeState`::
 
-    kv          KVCache | None   attention families (qwen2, wuneng): every layer's keys and values
-    recurrent   family pytree    rwkv7: RWKV7State; wuneng: per-layer WuNengLayerState (None for plain
-                                 attention layers); qwen2: None
+    caches      the layers' caches in the model's stacked layout (``model.init_cache``): per attention
+                layer a KVLayer (k, v ``[B,S_max,G,D]``, keys after RoPE), per RWKV-7 block a LayerState,
+                per WuNeng hybrid layer a HybridCache (KV and recurrent state);
+                ``model.layers.layer_caches(caches)`` lists them per layer
+    valid       bool [B,S_max]   slots holding a real (non-pad) token; None for RWKV-7 (no KV cache)
     index       int32 []         cache slots written so far (the same for every row)
     positions   int32 [B]        position of each row's next token (= its number of real tokens so far)
 
@@ -13,7 +15,7 @@ last ``n`` of ``T`` prefill slots; ``valid`` ``[B,T]`` is False on the pads. So 
 last real token sits in the same column (its logits are ``logits[:, -1]``) and decode writes every row's
 next token into the same cache slot ``index``. Pads never reach a result:
 
-* attention: a pad slot is marked invalid in ``KVCache.valid`` and masked out of every later query;
+* attention: a pad slot is marked invalid in ``DecodeState.valid`` and masked out of every later query;
 * RWKV-7 state and token shift: the state restarts (zero) at each row's first real token, exactly as for
   a packed document start, so whatever the pads did to the state before is discarded;
 * positions (RoPE) count real tokens only: a row's first real token has position 0.
@@ -32,23 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
-class KVCache(NamedTuple):
-    """Keys and values of every attention layer, stacked over layers.
-
-    k, v: ``[L,B,S_max,G,D]`` in the compute dtype; keys are stored after RoPE.
-    valid: bool ``[B,S_max]``: True where a slot holds a real (non-pad) token.
-    """
-
-    k: jax.Array
-    v: jax.Array
-    valid: jax.Array
-
-
 class DecodeState(NamedTuple):
     """What one decode step reads and writes (see the module docstring)."""
 
-    kv: KVCache | None
-    recurrent: Any
+    caches: Any
+    valid: jax.Array | None
     index: jax.Array
     positions: jax.Array
 
@@ -59,17 +49,7 @@ class DecodeState(NamedTuple):
     @property
     def max_len(self) -> int | None:
         """``S_max`` (None for families without a KV cache)."""
-        return None if self.kv is None else int(self.kv.valid.shape[1])
-
-
-def init_kv_cache(
-    num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: Any
-) -> KVCache:
-    """An empty cache: zeros ``[L,B,S_max,G,D]`` and no valid slot."""
-    shape = (num_layers, batch_size, max_len, num_kv_heads, head_dim)
-    return KVCache(
-        jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch_size, max_len), jnp.bool_)
-    )
+        return None if self.valid is None else int(self.valid.shape[1])
 
 
 def state_nbytes(state: Any) -> int:

@@ -12,29 +12,35 @@ Numerics as Hugging Face: RMSNorm statistics, RoPE tables and the attention soft
 when the model runs in float64 under ``jax.enable_x64``); logits float32. Parameters carry logical axis
 names from ``wuneng_jax.sharding``.
 
-Hooks for the WuNeng model (a subclass of :class:`Qwen2`): ``Qwen2.make_layer`` builds each decoder layer,
-``Qwen2DecoderLayer.make_attention`` its attention block, ``Qwen2Attention.project_qkv`` / ``attend`` / ``out``
-split that block, and ``Qwen2.forward_with_intermediates`` returns each layer's input and attention-block
-output (teacher targets for the ``align`` stage).
+One layer call for every use: ``Qwen2DecoderLayer(h, ctx, cache) -> LayerOut`` serves training, prefill,
+extend and one-token decode (:mod:`wuneng_jax.layers.context`); the layers are a scanned
+:class:`~wuneng_jax.layers.stack.LayerStack` and :meth:`Qwen2.run` is the one forward pass.
+
+Hooks for the WuNeng model (a subclass of :class:`Qwen2`): ``Qwen2.make_layer`` / ``layer_kinds`` build the
+layers, ``Qwen2DecoderLayer(attention=...)`` takes another attention block, ``Qwen2Attention.project_qkv`` /
+``attend`` / ``out`` split the block, and ``Qwen2.forward_with_intermediates`` returns each layer's input and
+attention-block output (teacher targets for the ``align`` stage).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wuneng_jax.layers.attention import IMPLS, dot_product_attention
+from wuneng_jax.layers.attention import IMPLS
+from wuneng_jax.layers.context import KVContext, KVLayer, LayerContext, RunOut, attend, init_kv_layer
 from wuneng_jax.layers.embed import Embed, logits_from_hidden
 from wuneng_jax.layers.linear import Linear
 from wuneng_jax.layers.mlp import SwiGLU
 from wuneng_jax.layers.norms import RMSNorm
 from wuneng_jax.layers.packing import resolve_segments
-from wuneng_jax.layers.remat import check_remat, remat_layer
-from wuneng_jax.layers.rope import RopeTables, apply_rope, rope_tables
+from wuneng_jax.layers.remat import check_remat
+from wuneng_jax.layers.rope import RopeTables, rope_tables
+from wuneng_jax.layers.stack import LayerStack
 from wuneng_jax.models.registry import register_family, register_preset
 from wuneng_jax.sharding import (
     ACT_EMBED,
@@ -168,6 +174,17 @@ class Qwen2Outputs(NamedTuple):
     attn_outputs: tuple[jax.Array, ...]
 
 
+class LayerOut(NamedTuple):
+    """A decoder layer's result: new ``h`` ``[B,T,d]``, attention-block output ``o`` ``[B,T,d]`` (before the
+    residual add), the state branch ``W_O[R]`` ``[B,T,d]`` (hybrid layers; ``None`` otherwise) and the
+    layer's cache after the call."""
+
+    h: jax.Array
+    o: jax.Array
+    state_branch: jax.Array | None
+    cache: Any
+
+
 class Qwen2Attention(nnx.Module):
     """GQA self-attention with q/k/v bias and RoPE; ``__call__ = out(attend(*project_qkv(u)))``.
 
@@ -204,37 +221,32 @@ class Qwen2Attention(nnx.Module):
         return q, k, v
 
     def attend(
-        self, q: jax.Array, k: jax.Array, v: jax.Array, *, rope: RopeTables, segment_ids: jax.Array
-    ) -> jax.Array:
-        """RoPE on pre-RoPE q/k, then causal segment-masked attention -> A ``[B,T,H,D]``."""
-        a = dot_product_attention(
-            apply_rope(q, rope),
-            apply_rope(k, rope),
-            v,
-            segment_ids_q=segment_ids,
-            segment_ids_kv=segment_ids,
-            causal=True,
-            impl=self.attention_impl,
-        )
-        return constrain(a, (BATCH, LENGTH, ACT_HEADS, None))
+        self, q: jax.Array, k: jax.Array, v: jax.Array, ctx: LayerContext, cache: KVLayer | None = None
+    ) -> tuple[jax.Array, KVLayer | None]:
+        """RoPE on pre-RoPE q/k, then causal segment-masked attention (over the cache when ``ctx.kv``)
+        -> (A ``[B,T,H,D]``, cache)."""
+        return attend(q, k, v, ctx, cache, impl=self.attention_impl)
 
     def out(self, a: jax.Array) -> jax.Array:
         """A ``[B,T,H,D]`` -> o ``[B,T,d]`` (``o_proj``)."""
         b, t = a.shape[:2]
         return constrain(self.o_proj(a.reshape(b, t, -1)), (BATCH, LENGTH, ACT_EMBED))
 
-    def __call__(self, u: jax.Array, *, rope: RopeTables, segment_ids: jax.Array) -> jax.Array:
-        """u ``[B,T,d]`` -> attention-block output ``[B,T,d]``."""
-        q, k, v = self.project_qkv(u)
-        return self.out(self.attend(q, k, v, rope=rope, segment_ids=segment_ids))
+    def __call__(
+        self, u: jax.Array, ctx: LayerContext, cache: KVLayer | None = None
+    ) -> tuple[jax.Array, KVLayer | None]:
+        """u ``[B,T,d]`` -> (attention-block output ``[B,T,d]``, cache)."""
+        a, cache = self.attend(*self.project_qkv(u), ctx, cache)
+        return self.out(a), cache
 
 
 class Qwen2DecoderLayer(nnx.Module):
-    """``h + attn(RMSNorm(h))`` then ``+ SwiGLU(RMSNorm(·))``."""
+    """``h + attn(RMSNorm(h))`` then ``+ SwiGLU(RMSNorm(·))``. ``attention``: the attention block (the
+    WuNeng layer passes its hybrid block), a :class:`Qwen2Attention` when None."""
 
-    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs, attention: nnx.Module | None = None):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
-        self.self_attn = self.make_attention(cfg, rngs)
+        self.self_attn = Qwen2Attention(cfg, rngs=rngs) if attention is None else attention
         self.post_attention_layernorm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype
         )
@@ -247,28 +259,25 @@ class Qwen2DecoderLayer(nnx.Module):
             rngs=rngs,
         )
 
-    def make_attention(self, cfg: Qwen2Config, rngs: nnx.Rngs) -> nnx.Module:
-        """The layer's attention block (the WuNeng layer overrides this)."""
-        return Qwen2Attention(cfg, rngs=rngs)
-
-    def __call__(
-        self, h: jax.Array, *, rope: RopeTables, segment_ids: jax.Array
-    ) -> tuple[jax.Array, jax.Array]:
-        """h ``[B,T,d]`` -> (new h ``[B,T,d]``, attention-block output ``[B,T,d]``)."""
-        o = self.self_attn(self.input_layernorm(h), rope=rope, segment_ids=segment_ids)
+    def residual(self, h: jax.Array, o: jax.Array) -> jax.Array:
+        """``h + o`` then the MLP block."""
         h = h + o
         h = h + self.mlp(self.post_attention_layernorm(h))
-        return constrain(h, (BATCH, LENGTH, ACT_EMBED)), o
+        return constrain(h, (BATCH, LENGTH, ACT_EMBED))
 
-
-def _call_layer(
-    layer: Qwen2DecoderLayer, h: jax.Array, rope: RopeTables, segment_ids: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    return layer(h, rope=rope, segment_ids=segment_ids)
+    def __call__(self, h: jax.Array, ctx: LayerContext, cache: KVLayer | None = None) -> LayerOut:
+        """h ``[B,T,d]`` -> :class:`LayerOut` (training, prefill, extend and decode: see
+        :mod:`wuneng_jax.layers.context`)."""
+        o, cache = self.self_attn(self.input_layernorm(h), ctx, cache)
+        return LayerOut(self.residual(h, o), o, None, cache)
 
 
 class Qwen2(nnx.Module):
-    """Qwen2 causal LM: ``model(tokens, segment_ids=None, positions=None) -> float32 logits [B,T,V]``."""
+    """Qwen2 causal LM: ``model(tokens, segment_ids=None, positions=None) -> float32 logits [B,T,V]``.
+
+    ``layers`` is a :class:`LayerStack` (parameters stacked per scanned group; ``layers.view(i)`` is layer
+    ``i``). :meth:`run` is the one forward pass (training, prefill, extend, decode).
+    """
 
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
         cfg.validate()
@@ -283,7 +292,8 @@ class Qwen2(nnx.Module):
             init_std=cfg.initializer_range,
             rngs=rngs,
         )
-        self.layers = nnx.List([self.make_layer(cfg, i, rngs) for i in range(cfg.num_layers)])
+        layers = [self.make_layer(cfg, i, rngs) for i in range(cfg.num_layers)]
+        self.layers = LayerStack(layers, self.layer_kinds(cfg), remat=cfg.remat)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
         self.lm_head = (
             None
@@ -299,11 +309,22 @@ class Qwen2(nnx.Module):
             )
         )
 
+    @staticmethod
+    def layer_kinds(cfg: Qwen2Config) -> list[str]:
+        """The kind of each layer (layers of one kind are stacked together)."""
+        return ["attention"] * cfg.num_layers
+
     def make_layer(self, cfg: Qwen2Config, layer_id: int, rngs: nnx.Rngs) -> nnx.Module:
         """Decoder layer ``layer_id`` (the WuNeng model overrides this)."""
         return Qwen2DecoderLayer(cfg, rngs=rngs)
 
-    # -- pieces (usable one at a time, e.g. for teacher-forced layer-wise training) ---------------
+    def init_cache(self, batch_size: int, max_len: int) -> Any:
+        """Empty KV caches of every layer for ``batch_size`` rows and ``max_len`` slots (stacked layout)."""
+        cfg = self.cfg
+        kv = init_kv_layer(batch_size, max_len, cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
+        return self.layers.group_caches([kv] * cfg.num_layers)
+
+    # -- pieces ----------------------------------------------------------------------------------
 
     def prepare(
         self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
@@ -326,32 +347,68 @@ class Qwen2(nnx.Module):
             logits = logits_from_hidden(x, self.lm_head.kernel[...], transposed=False)
         return constrain(logits, (BATCH, LENGTH, ACT_VOCAB))
 
+    def head_weight(self) -> tuple[jax.Array, bool]:
+        """``(weight, transposed)`` of the LM head: the tied embedding ``[V,d]`` (``transposed``) or the
+        ``lm_head`` kernel ``[d,V]`` (for the vocabulary-tiled loss, ``wuneng_jax.layers.vocab_tiling``)."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...], True
+        return self.lm_head.kernel[...], False
+
+    def lm_logits(self, h: jax.Array) -> jax.Array:
+        """The head of :meth:`run`'s output (the name every family shares; here :meth:`head`)."""
+        return self.head(h)
+
     # -- whole model ---------------------------------------------------------------------------
+
+    def hidden(
+        self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> jax.Array:
+        """``__call__`` minus the LM head: the final-normed hidden state ``[B,T,d]`` (compute dtype) that
+        :meth:`head` multiplies by :meth:`head_weight` (the unused logits are dead code under jit)."""
+        h = self.forward_with_intermediates(tokens, segment_ids, positions).hidden_states[-1]
+        return self.norm(h)
+
+    def run(
+        self,
+        tokens: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        *,
+        caches: Any = None,
+        kv: KVContext | None = None,
+        wkv_impl: str | None = None,
+        collect: bool = False,
+    ) -> RunOut:
+        """Embedding and every layer (one :class:`LayerStack` scan per group), no head.
+
+        ``caches``: the layers' caches in the stack's layout (:meth:`init_cache`; WuNeng: recurrent states
+        too), ``None`` for training; ``kv``: where keys/values go (decode); ``wkv_impl``: the RWKV-7 kernel
+        for this call; ``collect``: also return every layer's :class:`LayerOut`.
+        """
+        segment_ids, _, rope = self.prepare(tokens, segment_ids, positions)
+        ctx = LayerContext(rope, segment_ids, None, kv, wkv_impl)
+
+        def step(layer, h, cache):
+            out = layer(h, ctx, cache)
+            return out.h, out.cache, out._replace(cache=None) if collect else None
+
+        h, caches, aux = self.layers(step, self.embed(tokens), caches)
+        return RunOut(h, caches, aux if collect else None)
 
     def forward_with_intermediates(
         self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
     ) -> Qwen2Outputs:
         """Logits plus every layer's input hidden state and attention-block output (see ``Qwen2Outputs``)."""
-        segment_ids, _, rope = self.prepare(tokens, segment_ids, positions)
-        h = self.embed(tokens)
-        hidden, attn = [h], []
-        call = remat_layer(_call_layer, self.cfg.remat)
-        for layer in self.layers:
-            h, o = call(layer, h, rope, segment_ids)
-            hidden.append(h)
-            attn.append(o)
-        return Qwen2Outputs(self.head(h), tuple(hidden), tuple(attn))
+        out = self.run(tokens, segment_ids, positions, collect=True)
+        per_layer = self.layers.layer_caches(out.layers)
+        hidden = (self.embed(tokens), *(o.h for o in per_layer))
+        return Qwen2Outputs(self.head(out.h), hidden, tuple(o.o for o in per_layer))
 
     def __call__(
         self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
     ) -> jax.Array:
         """tokens int ``[B,T]`` (+ segment ids, positions ``[B,T]``) -> float32 logits ``[B,T,V]``."""
-        segment_ids, _, rope = self.prepare(tokens, segment_ids, positions)
-        h = self.embed(tokens)
-        call = remat_layer(_call_layer, self.cfg.remat)
-        for layer in self.layers:
-            h, _ = call(layer, h, rope, segment_ids)
-        return self.head(h)
+        return self.head(self.run(tokens, segment_ids, positions).h)
 
 
 register_family("qwen2", Qwen2Config, Qwen2)

@@ -35,7 +35,9 @@ from pallas_kernels.wkv7 import IMPLS as WKV_IMPLS
 from wuneng_jax.layers import rwkv7_ops as ops
 from wuneng_jax.layers.norms import GroupNorm, LayerNorm, group_norm
 from wuneng_jax.layers.params import sharded_param
-from wuneng_jax.layers.remat import check_remat, remat_layer
+from wuneng_jax.layers.context import LayerContext, RunOut
+from wuneng_jax.layers.remat import check_remat
+from wuneng_jax.layers.stack import LayerStack
 from wuneng_jax.models.registry import register_family, register_preset
 from wuneng_jax.sharding import (
     ACT_EMBED,
@@ -297,7 +299,7 @@ class TimeMix(nnx.Module):
     def __init__(self, cfg: RWKV7Config, layer_id: int, *, key: jax.Array):
         dim, n = cfg.n_embd, cfg.head_size
         pdt = jnp.dtype(cfg.param_dtype)
-        self.layer_id = layer_id
+        self.first = layer_id == 0  # layer 0 makes v_first (no v0/v1/v2)
         self.head_size = n
         self.impl = cfg.wkv_impl
         self.chunk_size = cfg.wkv_chunk_size
@@ -335,23 +337,24 @@ class TimeMix(nnx.Module):
         """The parameter mapping of :func:`time_mix`."""
         names = ["x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "w1", "w2", "a0", "a1", "a2", "g1", "g2"]
         names += ["k_k", "k_a", "r_k", "receptance", "key", "value", "output"]
-        if self.layer_id > 0:
+        if not self.first:
             names += ["v0", "v1", "v2"]
         p = {name: getattr(self, name)[...] for name in names}
         p["ln_x_scale"] = self.ln_x.scale[...]
         p["ln_x_bias"] = self.ln_x.bias[...]
         return p
 
-    def __call__(self, x, v_first, *, shift=None, wkv_state=None, reset=None) -> TimeMixOut:
+    def __call__(self, x, v_first, *, shift=None, wkv_state=None, reset=None, impl=None) -> TimeMixOut:
+        """:func:`time_mix` with this layer's parameters (``impl`` replaces the model's wkv7 impl)."""
         return time_mix(
             self.params(),
             x,
-            v_first if self.layer_id > 0 else None,
+            None if self.first else v_first,
             head_size=self.head_size,
             shift=shift,
             wkv_state=wkv_state,
             reset=reset,
-            impl=self.impl,
+            impl=self.impl if impl is None else impl,
             chunk_size=self.chunk_size,
         )
 
@@ -386,7 +389,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: RWKV7Config, layer_id: int, *, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
-        self.layer_id = layer_id
+        self.first = layer_id == 0
         # One rngs call per layer: each call updates an RNG counter, which is slow to trace (eval_shape).
         att_key, ffn_key = jax.random.split(rngs.params())
         if layer_id == 0:
@@ -397,18 +400,21 @@ class Block(nnx.Module):
         self.ffn = ChannelMix(cfg, layer_id, key=ffn_key)
 
     def __call__(
-        self, x: jax.Array, v_first: jax.Array | None, state: LayerState | None, reset: jax.Array | None
+        self, x: jax.Array, v_first: jax.Array | None, ctx: LayerContext, state: LayerState | None = None
     ) -> tuple[jax.Array, jax.Array, LayerState]:
-        """x ``[B,T,C]`` -> (x, v_first, new state); ``state`` None means zeros."""
-        if self.layer_id == 0:
+        """x ``[B,T,C]`` -> (x, v_first, new state); ``state`` None means zeros; ``ctx.reset`` the document
+        starts, ``ctx.wkv_impl`` the kernel for this call (training, prefill, extend and decode alike)."""
+        if self.first:
             x = self.ln0(x)
         xa = self.ln1(x)
+        reset = ctx.reset
         att = self.att(
             xa,
             v_first,
             shift=None if state is None else state.att_x,
             wkv_state=None if state is None else state.att_kv,
             reset=reset,
+            impl=ctx.wkv_impl,
         )
         x = constrain(x + att.out, (BATCH, LENGTH, ACT_EMBED))
         xf = self.ln2(x)
@@ -457,7 +463,8 @@ class RWKV7(nnx.Module):
         self.emb = sharded_param(
             jax.random.uniform(rngs.params(), (vocab, dim), pdt, -1e-4, 1e-4), (VOCAB, EMBED)
         )
-        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layer)])
+        blocks = [Block(cfg, i, rngs=rngs) for i in range(cfg.n_layer)]
+        self.blocks = LayerStack(blocks, ["first"] + ["block"] * (cfg.n_layer - 1), remat=cfg.remat)
         self.ln_out = LayerNorm(dim, ops.LN_EPS, param_dtype=pdt)
         head_gain = 0.5 * float(np.sqrt(vocab / dim)) if vocab > dim else 0.5
         # BlinkDL: orthogonal_(head.weight [V,C], gain) with no extra sqrt(rows/cols) factor.
@@ -508,6 +515,53 @@ class RWKV7(nnx.Module):
                     "build one with model.init_state(batch_size)"
                 )
 
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> Any:
+        """Zero recurrent state in the stack's layout (``max_len`` is ignored: the state does not grow)."""
+        return self.blocks.group_caches(self._layer_states(self.init_state(batch_size)))
+
+    def _layer_states(self, state: RWKV7State) -> list[LayerState]:
+        return [state.layer(i) for i in range(self.cfg.n_layer)]
+
+    def run(
+        self,
+        tokens: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        *,
+        caches: Any = None,
+        kv: Any = None,
+        wkv_impl: str | None = None,
+        reset: jax.Array | None = None,
+    ) -> RunOut:
+        """Embedding and every block -> :class:`RunOut` (``h``: x ``[B,T,C]`` before ``ln_out``; caches in
+        the stack's layout).
+
+        ``caches``: recurrent states (:meth:`init_cache`), ``None`` for zeros; ``reset``: document starts
+        (default: where ``segment_ids`` changes); ``kv`` is accepted for the common decode interface
+        (RWKV-7 keeps no KV cache); ``wkv_impl`` the kernel for this call.
+        """
+        del positions, kv  # no positional encoding, no KV cache
+        tokens = jnp.asarray(tokens)
+        if reset is None and segment_ids is not None:
+            reset = ops.segment_reset(jnp.asarray(segment_ids))
+        ctx = LayerContext(None, segment_ids, reset, None, wkv_impl)
+        x = jnp.take(self.emb[...], tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        x = constrain(x, (BATCH, LENGTH, ACT_EMBED))
+
+        def step(block, carry, state):
+            x, v_first, state = block(*carry, ctx, state)
+            return (x, v_first), state, None
+
+        (x, _), caches, _ = self.blocks(step, (x, None), caches)
+        return RunOut(x, caches, None)
+
+    def lm_logits(self, x: jax.Array) -> jax.Array:
+        """``ln_out`` and the head: x ``[B,T,C]`` -> float32 logits ``[B,T,V]`` (float64 in x64 runs)."""
+        dt = jnp.dtype(self.cfg.dtype)
+        out_dt = jnp.promote_types(dt, jnp.float32)
+        logits = (self.ln_out(x) @ self.head[...].astype(dt)).astype(out_dt)
+        return constrain(logits, (BATCH, LENGTH, ACT_VOCAB))
+
     def __call__(
         self,
         tokens: jax.Array,
@@ -531,24 +585,13 @@ class RWKV7(nnx.Module):
         """
         tokens = jnp.asarray(tokens)
         self._check_inputs(tokens, segment_ids, positions, state)
-        cfg = self.cfg
-        dt = jnp.dtype(cfg.dtype)
-        reset = None if segment_ids is None else ops.segment_reset(jnp.asarray(segment_ids))
-        x = jnp.take(self.emb[...], tokens, axis=0).astype(dt)
-        x = constrain(x, (BATCH, LENGTH, ACT_EMBED))
-        v_first = None
-        layer_states = []
-        call = remat_layer(Block.__call__, cfg.remat)
-        for i, block in enumerate(self.blocks):
-            x, v_first, st = call(block, x, v_first, None if state is None else state.layer(i), reset)
-            layer_states.append(st)
-        x = self.ln_out(x)
-        out_dt = jnp.promote_types(dt, jnp.float32)  # float32 (float64 for a float64 model)
-        logits = constrain((x @ self.head[...].astype(dt)).astype(out_dt), (BATCH, LENGTH, ACT_VOCAB))
+        caches = None if state is None else self.blocks.group_caches(self._layer_states(state))
+        x, caches, _ = self.run(tokens, segment_ids, caches=caches)
+        logits = self.lm_logits(x)
         if not return_state:
             return logits
-        new_state = RWKV7State(*(jnp.stack(parts) for parts in zip(*layer_states, strict=True)))
-        return logits, new_state
+        layer_states = self.blocks.layer_caches(caches)
+        return logits, RWKV7State(*(jnp.stack(parts) for parts in zip(*layer_states, strict=True)))
 
 
 register_family("rwkv7", RWKV7Config, RWKV7)

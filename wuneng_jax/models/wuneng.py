@@ -4,8 +4,9 @@
 one to one) whose layer ``i`` is a :class:`WuNengDecoderLayer` when ``cfg.is_hybrid(i)``, else a plain
 :class:`Qwen2DecoderLayer`, and whose forward carries each hybrid layer's recurrent state. The hybrid layer
 is :mod:`wuneng_jax.models.wuneng_layer`, its settings :mod:`wuneng_jax.models.wuneng_config`, its new
-parameters :mod:`wuneng_jax.models.wuneng_params`. Decode (with a KV cache) is :mod:`wuneng_jax.decode`;
-here, passing a state continues the recurrence while attention only sees the tokens of the call.
+parameters :mod:`wuneng_jax.models.wuneng_params`. Decode (with a KV cache) runs the same
+layers through :meth:`Qwen2.run`; passing ``state`` here continues the recurrence while attention only sees
+the tokens of the call.
 """
 
 from __future__ import annotations
@@ -16,33 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wuneng_jax.layers.remat import remat_layer
-from wuneng_jax.layers.rope import RopeTables
+from wuneng_jax.layers.context import init_kv_layer
 from wuneng_jax.models.qwen2 import Qwen2
 from wuneng_jax.models.registry import register_family, register_preset
 from wuneng_jax.models.wuneng_config import WUNENG_0_5B, WUNENG_1_5B, WUNENG_7B, WUNENG_TINY, WuNengConfig
-from wuneng_jax.models.wuneng_layer import LayerOut, WuNengDecoderLayer, WuNengLayerState
-
-
-def run_layer(
-    layer: nnx.Module,
-    h: jax.Array,
-    *,
-    rope: RopeTables,
-    segment_ids: jax.Array,
-    state: WuNengLayerState | None = None,
-) -> LayerOut:
-    """Run a hybrid or plain layer with one interface (teacher-forced, layer-wise training uses this)."""
-    if isinstance(layer, WuNengDecoderLayer):
-        return layer(h, rope=rope, segment_ids=segment_ids, state=state)
-    h, o = layer(h, rope=rope, segment_ids=segment_ids)
-    return LayerOut(h, o, None, None)
-
-
-def _run_layer_positional(
-    layer: nnx.Module, h: jax.Array, rope: RopeTables, segment_ids: jax.Array, state: WuNengLayerState | None
-) -> LayerOut:
-    return run_layer(layer, h, rope=rope, segment_ids=segment_ids, state=state)
+from wuneng_jax.models.wuneng_layer import HybridCache, WuNengDecoderLayer, WuNengLayerState
 
 
 class WuNengOutputs(NamedTuple):
@@ -65,14 +44,19 @@ class WuNengOutputs(NamedTuple):
 class WuNeng(Qwen2):
     """WuNeng causal LM: ``model(tokens, segment_ids=None, positions=None) -> float32 logits [B,T,V]``.
 
-    A :class:`Qwen2` (``embed_tokens``, ``layers``, ``norm``, ``lm_head``; ``prepare``, ``embed``, ``head``)
-    whose layer ``i`` is a :class:`WuNengDecoderLayer` when ``cfg.is_hybrid(i)``.
+    A :class:`Qwen2` (``embed_tokens``, ``layers``, ``norm``, ``lm_head``; ``prepare``, ``embed``, ``head``,
+    ``run``) whose layer ``i`` is a :class:`WuNengDecoderLayer` when ``cfg.is_hybrid(i)``; a hybrid layer's
+    cache is a :class:`HybridCache` (KV cache and recurrent state).
     """
 
     def __init__(self, cfg: WuNengConfig, *, rngs: nnx.Rngs):
         if not isinstance(cfg, WuNengConfig):
             raise ValueError(f"WuNeng needs a WuNengConfig, got {type(cfg).__name__}")
         super().__init__(cfg, rngs=rngs)
+
+    @staticmethod
+    def layer_kinds(cfg: WuNengConfig) -> list[str]:  # type: ignore[override]
+        return ["hybrid" if cfg.is_hybrid(i) else "attention" for i in range(cfg.num_layers)]
 
     def make_layer(self, cfg: WuNengConfig, layer_id: int, rngs: nnx.Rngs) -> nnx.Module:
         if cfg.is_hybrid(layer_id):
@@ -88,6 +72,13 @@ class WuNeng(Qwen2):
             jnp.zeros((batch_size, cfg.hidden_size), sdt), jnp.zeros((batch_size, cfg.state_heads, n, n), sdt)
         )
         return tuple(zero() if cfg.is_hybrid(i) else None for i in range(cfg.num_layers))
+
+    def init_cache(self, batch_size: int, max_len: int) -> Any:
+        """Empty KV caches and zero recurrent states of every layer (stacked layout)."""
+        cfg = self.cfg
+        kv = init_kv_layer(batch_size, max_len, cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype))
+        per_layer = [kv if st is None else HybridCache(kv, st) for st in self.init_state(batch_size)]
+        return self.layers.group_caches(per_layer)
 
     def _check_state(self, state: Any, batch_size: int) -> None:
         cfg = self.cfg
@@ -117,21 +108,24 @@ class WuNeng(Qwen2):
         *,
         state: tuple[WuNengLayerState | None, ...] | None = None,
     ) -> WuNengOutputs:
-        """Logits plus every layer's input, attention-block output, state branch and state."""
-        segment_ids, _, rope = self.prepare(tokens, segment_ids, positions)
+        """Logits plus every layer's input, attention-block output, state branch and state.
+
+        ``state`` continues each hybrid layer's recurrence (attention sees only this call's tokens)."""
+        caches = None
         if state is not None:
             self._check_state(state, tokens.shape[0])
-        h = self.embed(tokens)
-        hidden, attn, branch, states = [h], [], [], []
-        call = remat_layer(_run_layer_positional, self.cfg.remat)
-        for i, layer in enumerate(self.layers):
-            out = call(layer, h, rope, segment_ids, None if state is None else state[i])
-            h = out.h
-            hidden.append(h)
-            attn.append(out.o)
-            branch.append(out.state_branch)
-            states.append(out.state)
-        return WuNengOutputs(self.head(h), tuple(hidden), tuple(attn), tuple(branch), tuple(states))
+            caches = self.layers.group_caches([None if st is None else HybridCache(None, st) for st in state])
+        out = self.run(tokens, segment_ids, positions, caches=caches, collect=True)
+        per_layer = self.layers.layer_caches(out.layers)
+        cache_list = self.layers.layer_caches(out.caches)
+        states = tuple(c.state if isinstance(c, HybridCache) else None for c in cache_list)
+        return WuNengOutputs(
+            self.head(out.h),
+            (self.embed(tokens), *(o.h for o in per_layer)),
+            tuple(o.o for o in per_layer),
+            tuple(o.state_branch for o in per_layer),
+            states,
+        )
 
     def __call__(  # type: ignore[override]
         self,
@@ -144,6 +138,8 @@ class WuNeng(Qwen2):
     ) -> jax.Array | tuple[jax.Array, tuple[WuNengLayerState | None, ...]]:
         """tokens int ``[B,T]`` (+ segment ids, positions ``[B,T]``) -> float32 logits ``[B,T,V]``
         (and the per-layer state after the last token when ``return_state``)."""
+        if state is None and not return_state:
+            return super().__call__(tokens, segment_ids, positions)
         out = self.forward_with_intermediates(tokens, segment_ids, positions, state=state)
         return (out.logits, out.state) if return_state else out.logits
 

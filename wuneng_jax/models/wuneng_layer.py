@@ -35,8 +35,9 @@ one) holds the parameters, :class:`WuNengDecoderLayer` is the decoder layer. Rec
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,14 +49,14 @@ from wuneng_jax.layers.linear import linear
 from wuneng_jax.layers.norms import group_norm, rms_norm
 from wuneng_jax.layers.packing import document_starts
 from wuneng_jax.layers.params import sharded_param
-from wuneng_jax.layers.rope import RopeTables
-from wuneng_jax.models.qwen2 import Qwen2Attention, Qwen2DecoderLayer
+from wuneng_jax.layers.context import KVLayer, LayerContext
+from wuneng_jax.models.qwen2 import LayerOut, Qwen2Attention, Qwen2DecoderLayer
 from wuneng_jax.models.wuneng_config import WuNengConfig
 from wuneng_jax.models.wuneng_params import hybrid_param_names, init_hybrid_params
 from wuneng_jax.sharding import ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, BATCH, LENGTH, constrain
 
-#: ``attend(q, k, v) -> A`` ``[B,T,H,D]`` from pre-RoPE ``q`` ``[B,T,H,D]``, ``k``/``v`` ``[B,T,G,D]``
-Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+#: ``attend(q, k, v) -> (A [B,T,H,D], kv cache)`` from pre-RoPE ``q`` ``[B,T,H,D]``, ``k``/``v`` ``[B,T,G,D]``
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
 class WuNengLayerState(NamedTuple):
@@ -66,15 +67,23 @@ class WuNengLayerState(NamedTuple):
     wkv: jax.Array
 
 
+class HybridCache(NamedTuple):
+    """A hybrid layer's cache: the attention's :class:`KVLayer` (``None`` without a KV cache) and the
+    recurrent :class:`WuNengLayerState` (``None``: start from zeros)."""
+
+    kv: KVLayer | None
+    state: WuNengLayerState | None
+
+
 class HybridOut(NamedTuple):
     """:func:`hybrid_attention` result: ``o`` ``[B,T,d]`` the fused attention-block output (before the
     residual add); ``state_branch`` ``[B,T,d]`` the state-driven heads alone through the output projection,
-    ``W_O [R_{g(1)} .. R_{g(H)}]`` (the student branch of the ``align`` stage); ``state`` after the last token.
+    ``W_O [R_{g(1)} .. R_{g(H)}]`` (the student branch of the ``align`` stage); ``cache`` after the last token.
     """
 
     o: jax.Array
     state_branch: jax.Array
-    state: WuNengLayerState
+    cache: HybridCache
 
 
 def _heads(x: jax.Array, n: int) -> jax.Array:
@@ -204,8 +213,8 @@ def hybrid_attention(
       p: ``q_kernel`` ``[d,H·D]``, ``q_bias``, ``k_kernel``/``v_kernel`` ``[d,G·D]``, ``k_bias``, ``v_bias``,
         ``o_kernel`` ``[H·D,d]`` (the Qwen2 attention) plus :func:`hybrid_param_names` ``(cfg)``.
       segment_ids: int ``[B,T]`` (state resets at document starts).
-      attend: the standard heads ``A`` ``[B,T,H,D]`` from pre-RoPE ``q, k, v`` (RoPE, mask and any KV cache
-        are the caller's: :meth:`Qwen2Attention.attend` in training, the decoder's cached attention).
+      attend: the standard heads ``(A [B,T,H,D], kv)`` from pre-RoPE ``q, k, v`` (RoPE, mask and any KV cache
+        are the caller's: :meth:`Qwen2Attention.attend`).
       state: state before ``u[:, 0]``; ``None`` starts from zeros (and resets at t = 0), a given state
         is continued at t = 0 (later document starts in ``segment_ids`` still reset it).
     Returns:
@@ -218,17 +227,16 @@ def hybrid_attention(
     k = constrain(proj("k", g), (BATCH, LENGTH, ACT_KV_HEADS, None))
     v = constrain(proj("v", g), (BATCH, LENGTH, ACT_KV_HEADS, None))
     reset = document_starts(segment_ids) if state is None else ops.segment_reset(segment_ids)
-    attend_q = lambda q: constrain(attend(q, k, v), (BATCH, LENGTH, ACT_HEADS, None))
     if cfg.state_value == "attention_value":
         r, new_state = state_read(p, u, k, v.reshape(b, t, -1), cfg=cfg, reset=reset, state=state)
-        a = attend_q(query_with_state(p, q, r) if cfg.state_query else q)
+        a, kv = attend(query_with_state(p, q, r) if cfg.state_query else q, k, v)
     else:  # attention_output (validated: state_query is off)
-        a = attend_q(q)
+        a, kv = attend(q, k, v)
         v_s = linear(a.reshape(b, t, -1), p["state_v_proj"])
         r, new_state = state_read(p, u, k, v_s, cfg=cfg, reset=reset, state=state)
     o = constrain(fuse_heads(p, a, r, cfg=cfg), (BATCH, LENGTH, ACT_EMBED))
     branch = linear(_per_query_head(r, hh).reshape(b, t, -1), p["o_kernel"])
-    return HybridOut(o, constrain(branch, (BATCH, LENGTH, ACT_EMBED)), new_state)
+    return HybridOut(o, constrain(branch, (BATCH, LENGTH, ACT_EMBED)), HybridCache(kv, new_state))
 
 
 class WuNengAttention(Qwen2Attention):
@@ -238,7 +246,6 @@ class WuNengAttention(Qwen2Attention):
     def __init__(self, cfg: WuNengConfig, layer_id: int, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         self.cfg = cfg
-        self.layer_id = layer_id
         q_kernel, k_kernel = self.q_proj.kernel[...], self.k_proj.kernel[...]
         init = init_hybrid_params(cfg, layer_id, q_kernel=q_kernel, k_kernel=k_kernel, key=rngs.params())
         for name, (value, names) in init.items():
@@ -253,40 +260,27 @@ class WuNengAttention(Qwen2Attention):
         return p | {name: getattr(self, name)[...] for name in hybrid_param_names(self.cfg)}
 
     def __call__(  # type: ignore[override]
-        self, u: jax.Array, *, rope: RopeTables, segment_ids: jax.Array, state: WuNengLayerState | None = None
+        self, u: jax.Array, ctx: LayerContext, cache: HybridCache | None = None
     ) -> HybridOut:
-        """u ``[B,T,d]`` (normed) -> :class:`HybridOut`; the standard heads are :meth:`Qwen2Attention.attend`."""
-        attend = lambda q, k, v: self.attend(q, k, v, rope=rope, segment_ids=segment_ids)
+        """u ``[B,T,d]`` (normed) -> :class:`HybridOut`; the standard heads are :meth:`Qwen2Attention.attend`
+        (over ``cache.kv`` when ``ctx.kv``), the recurrence continues ``cache.state``."""
+        cache = HybridCache(None, None) if cache is None else cache
+        cfg = self.cfg if ctx.wkv_impl is None else dataclasses.replace(self.cfg, wkv_impl=ctx.wkv_impl)
+        attend = lambda q, k, v: self.attend(q, k, v, ctx, cache.kv)
         return hybrid_attention(
-            self.params(), u, cfg=self.cfg, segment_ids=segment_ids, attend=attend, state=state
+            self.params(), u, cfg=cfg, segment_ids=ctx.segment_ids, attend=attend, state=cache.state
         )
-
-
-class LayerOut(NamedTuple):
-    """A decoder layer's result: new ``h``, attention-block output ``o``, the state branch ``W_O[R]`` and
-    the recurrent state (the last two ``None`` for plain attention layers)."""
-
-    h: jax.Array
-    o: jax.Array
-    state_branch: jax.Array | None
-    state: WuNengLayerState | None
 
 
 class WuNengDecoderLayer(Qwen2DecoderLayer):
     """``h + hybrid_attn(RMSNorm(h))`` then ``+ SwiGLU(RMSNorm(·))``; attribute names as Qwen2's layer."""
 
     def __init__(self, cfg: WuNengConfig, layer_id: int, *, rngs: nnx.Rngs):
-        self.layer_id = layer_id
-        super().__init__(cfg, rngs=rngs)
-
-    def make_attention(self, cfg: WuNengConfig, rngs: nnx.Rngs) -> nnx.Module:
-        return WuNengAttention(cfg, self.layer_id, rngs=rngs)
+        super().__init__(cfg, rngs=rngs, attention=WuNengAttention(cfg, layer_id, rngs=rngs))
 
     def __call__(  # type: ignore[override]
-        self, h: jax.Array, *, rope: RopeTables, segment_ids: jax.Array, state: WuNengLayerState | None = None
+        self, h: jax.Array, ctx: LayerContext, cache: HybridCache | None = None
     ) -> LayerOut:
-        """h ``[B,T,d]`` -> :class:`LayerOut`."""
-        out = self.self_attn(self.input_layernorm(h), rope=rope, segment_ids=segment_ids, state=state)
-        h = h + out.o
-        h = h + self.mlp(self.post_attention_layernorm(h))
-        return LayerOut(constrain(h, (BATCH, LENGTH, ACT_EMBED)), out.o, out.state_branch, out.state)
+        """h ``[B,T,d]`` -> :class:`LayerOut` (its cache a :class:`HybridCache`)."""
+        out = self.self_attn(self.input_layernorm(h), ctx, cache)
+        return LayerOut(self.residual(h, out.o), out.o, out.state_branch, out.cache)
