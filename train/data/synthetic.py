@@ -1,4 +1,5 @@
-"""Synthetic capability tasks as grain data sources: multi-query associative recall and group state tracking.
+"""Synthetic capability tasks as grain data sources: multi-query associative recall, group state tracking and
+the two interleaved in one sequence.
 
 Every example is a pure function of ``(task, seed, index)`` (``numpy.random.default_rng([seed, stream,
 index])``), so a training stream is a random-access ``grain`` source (exact resume by index) and a
@@ -25,6 +26,18 @@ in the lexicographically sorted list of the group's permutations (the identity i
 transformer cannot solve it at arbitrary length, an RNN with a non-diagonal state transition (RWKV-7's
 delta rule) can. ``S3``/``S4``/``A4`` are solvable groups (their word problems are in TC⁰): easier
 controls.
+
+**Recall + state** (``recall_state``, the combined task: recall interleaved with state updates). An MQAR
+context of ``D`` key-value pairs ``k_1 v_1 ... k_D v_D``, then a region that interleaves uniform random
+elements of a permutation group (state updates) with ``Q`` two-token query slots ``k v`` (``Q`` distinct
+keys among the ``D``, in random order, at random places), then one filler token. Scored: every group element
+(target: the running product of the group elements so far, the queries skipped; the state-tracking part)
+and every query key (target: its value; the recall part). Token ids: ``0`` = filler, keys
+``[1, 1 + num_keys)``, values ``[1 + num_keys, 1 + num_keys + num_values)``, group elements from
+``first_element = 1 + num_keys + num_values`` (element index ``e`` -> ``first_element + e``, identity first),
+used both as inputs and as product targets. The metric splits by target id (``state_from =
+first_element``): recall accuracy, state accuracy and their mean (balanced accuracy). A model needs a
+precise recall of ``D`` pairs (attention's strength) and a running product (RWKV-7's) in the same sequence.
 """
 
 from __future__ import annotations
@@ -226,7 +239,99 @@ class StateTracking:
         return _row(xs, self.perm_group.prefix_products(xs), np.ones((self.seq_len,), np.float32))
 
 
-Task = MQAR | StateTracking
+@dataclasses.dataclass(frozen=True)
+class RecallState:
+    """MQAR pairs, then group elements (running product scored) interleaved with recall queries (see the
+    module docstring). ``num_queries`` defaults to ``num_pairs``."""
+
+    seq_len: int
+    num_pairs: int
+    group: str = "S3"
+    num_keys: int = 32
+    num_values: int = 32
+    num_queries: int | None = None
+
+    kind = "recall_state"
+
+    def __post_init__(self) -> None:
+        if self.num_queries is None:
+            object.__setattr__(self, "num_queries", self.num_pairs)
+        PermutationGroup(self.group)  # validates the name
+        for name in ("seq_len", "num_pairs", "num_keys", "num_values", "num_queries"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"recall_state.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_pairs > self.num_keys:
+            raise ValueError(
+                f"recall_state.num_pairs: {self.num_pairs} pairs need as many distinct keys, but num_keys="
+                f"{self.num_keys}; raise num_keys or lower num_pairs"
+            )
+        if self.num_queries > self.num_pairs:
+            raise ValueError(
+                f"recall_state.num_queries: {self.num_queries} > num_pairs={self.num_pairs} (queries are distinct keys)"
+            )
+        if self.num_moves < 1:
+            raise ValueError(
+                f"recall_state.seq_len: {self.seq_len} leaves no room for group elements after {self.num_pairs} "
+                f"pairs and {self.num_queries} queries (needs seq_len >= 2 * (num_pairs + num_queries) + 1)"
+            )
+
+    @cached_property
+    def perm_group(self) -> PermutationGroup:
+        return PermutationGroup(self.group)
+
+    @property
+    def first_value(self) -> int:
+        return 1 + self.num_keys
+
+    @property
+    def first_element(self) -> int:
+        return 1 + self.num_keys + self.num_values
+
+    @property
+    def state_from(self) -> int:
+        """Targets with ids ``>= state_from`` are state-tracking answers, the others recall answers."""
+        return self.first_element
+
+    @property
+    def vocab_size(self) -> int:
+        return self.first_element + self.perm_group.order
+
+    @property
+    def num_moves(self) -> int:
+        """Group elements per row: the input positions after the pairs not taken by query slots."""
+        return self.seq_len - 2 * self.num_pairs - 2 * self.num_queries
+
+    def example(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        d, q, m = self.num_pairs, self.num_queries, self.num_moves
+        keys = 1 + rng.choice(self.num_keys, size=d, replace=False)
+        values = self.first_value + rng.integers(0, self.num_values, size=d)
+        moves = rng.integers(0, self.perm_group.order, size=m)
+        which = rng.choice(d, size=q, replace=False)  # queried pairs, in query order
+        is_query = np.zeros(m + q, bool)
+        is_query[rng.choice(m + q, size=q, replace=False)] = True  # item order of the region
+        s = np.full((self.seq_len + 1,), FILLER, np.int64)
+        s[0 : 2 * d : 2] = keys
+        s[1 : 2 * d : 2] = values
+        targets = np.empty((self.seq_len,), np.int64)
+        mask = np.zeros((self.seq_len,), np.float32)
+        products = self.perm_group.prefix_products(moves)
+        pos, qi, mi = 2 * d, 0, 0
+        for query in is_query:
+            if query:
+                s[pos], s[pos + 1] = keys[which[qi]], values[which[qi]]
+                mask[pos] = 1.0
+                qi, pos = qi + 1, pos + 2
+            else:
+                s[pos] = self.first_element + moves[mi]
+                targets[pos] = self.first_element + products[mi]
+                mask[pos] = 1.0
+                mi, pos = mi + 1, pos + 1
+        is_move = s[:-1] >= self.first_element
+        targets = np.where(is_move, targets, s[1:])  # next token everywhere else
+        return _row(s[:-1], targets, mask)
+
+
+Task = MQAR | StateTracking | RecallState
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +403,7 @@ def heldout_batches(
 
 def make_task(kind: str, seq_len: int, **params) -> Task:
     """``make_task("mqar", 128, num_pairs=8)`` / ``make_task("state_tracking", 64, group="S5")``."""
-    classes = {MQAR.kind: MQAR, StateTracking.kind: StateTracking}
+    classes = {MQAR.kind: MQAR, StateTracking.kind: StateTracking, RecallState.kind: RecallState}
     if kind not in classes:
         raise ValueError(f"task kind {kind!r} is not one of {', '.join(classes)}")
     cls = classes[kind]
@@ -317,6 +422,7 @@ __all__ = [
     "ROW_KEYS",
     "TRAIN_STREAM",
     "PermutationGroup",
+    "RecallState",
     "StateTracking",
     "TaskSource",
     "compose",

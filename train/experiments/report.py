@@ -30,17 +30,29 @@ CSV_FIELDS = (
     "last_accuracy",
     "seq_accuracy",
     "ce",
+    "balanced_accuracy",
+    "recall_accuracy",
+    "state_accuracy",
     "scored",
     "rows",
     "wall_s",
     "cpu_s",
 )
-METRICS = ("accuracy", "last_accuracy", "seq_accuracy", "ce", "train_loss")
+METRICS = (
+    "accuracy",
+    "last_accuracy",
+    "seq_accuracy",
+    "ce",
+    "train_loss",
+    "balanced_accuracy",
+    "recall_accuracy",
+    "state_accuracy",
+)
 RESULT_FILE = "result.json"  # in each run directory, written by train.experiments.runner.execute
 
 
-def load_result(run: RunSpec) -> dict[str, Any] | None:
-    """The run's result if it is complete for exactly this configuration, else None."""
+def load_result(run: Any) -> dict[str, Any] | None:
+    """The run's (or upcycling job's) result if it is complete for exactly this configuration, else None."""
     path = Path(run.run_dir) / RESULT_FILE
     if not path.is_file():
         return None
@@ -55,6 +67,8 @@ def collect(runs: Sequence[RunSpec]) -> list[dict[str, Any]]:
     """The results of the finished runs of the grid (in grid order)."""
     rows = []
     for r in runs:
+        if not isinstance(r, RunSpec):
+            continue
         res = load_result(r)
         if res is not None:
             rows.append({k: res.get(k, float("nan")) for k in CSV_FIELDS})
@@ -62,7 +76,8 @@ def collect(runs: Sequence[RunSpec]) -> list[dict[str, Any]]:
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Seed statistics per (task, seq_len, variant): ``<metric>_mean/_std/_min/_max`` and ``seeds``."""
+    """Seed statistics per (task, seq_len, variant): ``<metric>_mean/_std/_se/_min/_max`` and ``seeds``
+    (``_se`` = the standard error of the seed mean, ``std / sqrt(seeds)``)."""
     groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["task"], row["seq_len"], row["variant"]), []).append(row)
@@ -71,9 +86,12 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         agg: dict[str, Any] = {"task": task, "seq_len": seq_len, "variant": variant, "seeds": len(members)}
         agg["params"] = members[0]["params"]
         for m in METRICS:
-            vals = [float(x[m]) for x in members if not math.isnan(float(x[m]))]
+            vals = [
+                float(x[m]) for x in members if x.get(m) not in (None, "") and not math.isnan(float(x[m]))
+            ]
             agg[f"{m}_mean"] = statistics.fmean(vals) if vals else float("nan")
             agg[f"{m}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            agg[f"{m}_se"] = agg[f"{m}_std"] / math.sqrt(len(vals)) if vals else float("nan")
             agg[f"{m}_min"] = min(vals) if vals else float("nan")
             agg[f"{m}_max"] = max(vals) if vals else float("nan")
         out.append(agg)
@@ -87,7 +105,7 @@ def _cell(agg: dict[str, Any] | None, metric: str, digits: int = 3) -> str:
     if math.isnan(mean):
         return "n/a"
     if agg["seeds"] > 1:
-        return f"{mean:.{digits}f} ± {agg[f'{metric}_std']:.{digits}f}"
+        return f"{mean:.{digits}f} ± {agg[f'{metric}_se']:.{digits}f}"
     return f"{mean:.{digits}f}"
 
 
@@ -130,13 +148,21 @@ def summary_markdown(
             f"{100 * p['rel_to_reference']:+.1f}% | {tuned} |"
         )
     index = {(a["task"], a["seq_len"], a["variant"]): a for a in aggs}
-    variants = [v.name for v in spec.variants]
     for task in spec.tasks:
         metrics = [("accuracy", "accuracy at the scored positions")]
         if task.kind == "state_tracking":
             metrics.append(("last_accuracy", "accuracy at the last position (product of the whole sequence)"))
         if task.kind == "mqar":
             metrics.append(("seq_accuracy", "sequences with every query answered"))
+        if task.kind == "recall_state":
+            metrics = [
+                (
+                    "balanced_accuracy",
+                    "balanced accuracy: mean of the recall and the state-tracking accuracy",
+                ),
+                ("recall_accuracy", "recall accuracy (query keys)"),
+                ("state_accuracy", "state-tracking accuracy (running products)"),
+            ]
         if task.is_lm:
             metrics.append(("ce", "held-out cross-entropy (nats/token)"))
         lines += ["", f"## Task `{task.name}`", "", _task_line(spec, task.name)]
@@ -144,7 +170,7 @@ def summary_markdown(
             lines += ["", f"**{title}** (`{metric}`)", ""]
             lines.append("| variant | " + " | ".join(f"T={n}" for n in task.seq_lens) + " |")
             lines.append("|---|" + "---:|" * len(task.seq_lens))
-            for v in variants:
+            for v in [v.name for v in spec.task_variants(task)]:
                 cells = [_cell(index.get((task.name, n, v)), metric) for n in task.seq_lens]
                 lines.append(f"| {v} | " + " | ".join(cells) + " |")
     n_runs = len(rows)
@@ -171,7 +197,15 @@ def _chance(task: Any) -> float | None:
         return 1.0 / task.synthetic(task.seq_lens[0]).num_values
     if task.kind == "state_tracking":
         return 1.0 / task.synthetic(task.seq_lens[0]).vocab_size
+    if task.kind == "recall_state":
+        t = task.synthetic(task.seq_lens[0])
+        return (1.0 / t.num_values + 1.0 / t.perm_group.order) / 2
     return None
+
+
+def headline_metric(task: Any) -> str:
+    """The metric a task is plotted and compared by."""
+    return "balanced_accuracy" if task.kind == "recall_state" else "accuracy"
 
 
 def plot_accuracy(spec: ExperimentSpec, aggs: Sequence[dict[str, Any]], path: Path) -> None:
@@ -180,7 +214,7 @@ def plot_accuracy(spec: ExperimentSpec, aggs: Sequence[dict[str, Any]], path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(t, "accuracy") for t in spec.tasks]
+    panels = [(t, headline_metric(t)) for t in spec.tasks]
     panels += [(t, "last_accuracy") for t in spec.tasks if t.kind == "state_tracking"]
     ncols = min(3, len(panels))
     nrows = -(-len(panels) // ncols)
@@ -188,7 +222,7 @@ def plot_accuracy(spec: ExperimentSpec, aggs: Sequence[dict[str, Any]], path: Pa
     colors = _colors([v.name for v in spec.variants])
     index = {(a["task"], a["seq_len"], a["variant"]): a for a in aggs}
     for ax, (task, metric) in zip(axes.flat, panels, strict=False):
-        for v in spec.variants:
+        for v in spec.task_variants(task):
             pts = [
                 (n, index[(task.name, n, v.name)]) for n in task.seq_lens if (task.name, n, v.name) in index
             ]
@@ -196,11 +230,8 @@ def plot_accuracy(spec: ExperimentSpec, aggs: Sequence[dict[str, Any]], path: Pa
                 continue
             xs = [n for n, _ in pts]
             ys = [a[f"{metric}_mean"] for _, a in pts]
-            lo = [a[f"{metric}_mean"] - a[f"{metric}_min"] for _, a in pts]
-            hi = [a[f"{metric}_max"] - a[f"{metric}_mean"] for _, a in pts]
-            ax.errorbar(
-                xs, ys, yerr=[lo, hi], marker="o", ms=4, capsize=2, label=v.name, color=colors[v.name]
-            )
+            se = [a[f"{metric}_se"] for _, a in pts]
+            ax.errorbar(xs, ys, yerr=se, marker="o", ms=4, capsize=2, label=v.name, color=colors[v.name])
         chance = _chance(task)
         if chance is not None:
             ax.axhline(chance, color="gray", ls="--", lw=0.8, label="chance")
@@ -221,8 +252,46 @@ def plot_accuracy(spec: ExperimentSpec, aggs: Sequence[dict[str, Any]], path: Pa
                 handles.append(h)
                 labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
-    fig.suptitle(f"{spec.name}: held-out accuracy vs sequence length (mean over seeds; bars = min..max)")
+    fig.suptitle(f"{spec.name}: held-out accuracy vs sequence length (mean over seeds ± standard error)")
     fig.tight_layout(rect=(0, 0.08 if nrows == 1 else 0.05, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(spec: ExperimentSpec, aggs: Sequence[dict[str, Any]], path: Path) -> None:
+    """One panel per task and sequence length: each variant's headline metric, mean ± standard error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(t, n) for t in spec.tasks for n in t.seq_lens]
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.4 * nrows), squeeze=False)
+    colors = _colors([v.name for v in spec.variants])
+    index = {(a["task"], a["seq_len"], a["variant"]): a for a in aggs}
+    for ax, (task, n) in zip(axes.flat, panels, strict=False):
+        metric = headline_metric(task) if not task.is_lm else "ce"
+        names = [v.name for v in spec.task_variants(task) if (task.name, n, v.name) in index]
+        means = [index[(task.name, n, v)][f"{metric}_mean"] for v in names]
+        ses = [index[(task.name, n, v)][f"{metric}_se"] for v in names]
+        ax.bar(range(len(names)), means, yerr=ses, capsize=3, color=[colors[v] for v in names])
+        chance = _chance(task)
+        if chance is not None:
+            ax.axhline(chance, color="gray", ls="--", lw=0.8)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([v.replace("wuneng_", "wn_") for v in names], rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(metric.replace("_", " "), fontsize=8)
+        seeds = max((index[(task.name, n, v)]["seeds"] for v in names), default=0)
+        ax.set_title(f"{task.name} ({task.kind}), T={n}, {seeds} seeds", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(
+        f"{spec.name}: held-out metric per variant (mean ± standard error over seeds; dashed: chance)"
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -262,7 +331,7 @@ def plot_losses(spec: ExperimentSpec, runs: Sequence[RunSpec], path: Path) -> No
                 ax.axis("off")
                 continue
             n = task.seq_lens[j]
-            for v in spec.variants:
+            for v in spec.task_variants(task):
                 curves = [
                     _train_curve(Path(r.run_dir))
                     for r in runs
@@ -298,6 +367,8 @@ def write_report(
     """Write results.csv, results.json, summary.md and the two plots; returns their paths."""
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    jobs = [r for r in runs if not isinstance(r, RunSpec)]
+    runs = [r for r in runs if isinstance(r, RunSpec)]
     rows = collect(runs)
     aggs = aggregate(rows)
     paths = [out / "results.csv", out / "results.json", out / "summary.md"]
@@ -319,9 +390,23 @@ def write_report(
             indent=1,
         )
     )
-    paths[2].write_text(summary_markdown(spec, rows, aggs, table))
+    text = summary_markdown(spec, rows, aggs, table)
+    up_results = []
+    if spec.upcycle is not None:
+        from train.experiments import upcycle_value
+
+        up_results = [res for res in (load_result(j) for j in jobs) if res is not None]
+        text += upcycle_value.markdown(spec.upcycle, up_results)
+        up = {"results": up_results, "summary": upcycle_value.summarize(up_results) if up_results else {}}
+        (out / "upcycle.json").write_text(json.dumps(up, indent=1))
+        paths.append(out / "upcycle.json")
+    paths[2].write_text(text)
     if rows:
         plot_accuracy(spec, aggs, out / "accuracy_vs_seq_len.png")
+        plot_bars(spec, aggs, out / "accuracy_bars.png")
         plot_losses(spec, runs, out / "loss_curves.png")
-        paths += [out / "accuracy_vs_seq_len.png", out / "loss_curves.png"]
+        paths += [out / "accuracy_vs_seq_len.png", out / "accuracy_bars.png", out / "loss_curves.png"]
+    if up_results:
+        upcycle_value.plot(up_results, out / "upcycle_losses.png")
+        paths.append(out / "upcycle_losses.png")
     return paths

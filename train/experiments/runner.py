@@ -38,6 +38,7 @@ from train.experiments.spec import (
 )
 
 log = logging.getLogger(__name__)
+UPCYCLE = "upcycle"  # the upcycling experiment's token store in prepare_lm_stores
 
 
 class Preempted(RuntimeError):
@@ -54,14 +55,14 @@ def prepare_lm_stores(spec: ExperimentSpec, echo: Callable[[str], None]) -> dict
     from train.data.store import TokenStore, read_manifest
 
     out: dict[str, int] = {}
-    for task in spec.tasks:
-        if not task.is_lm:
-            continue
-        p = task.params
+    stores = [(t.name, t.params) for t in spec.tasks if t.is_lm]
+    if spec.upcycle is not None:
+        stores.append((UPCYCLE, {"tokenizer": "byte", **spec.upcycle.data}))
+    for name, p in stores:
         if read_manifest(p["store"]) is None:
             if not p["prepare"]:
                 raise ExperimentError(
-                    f"experiment field `tasks.{task.name}.store`: no token store at {p['store']!r}; make one "
+                    f"experiment field `tasks.{name}.store`: no token store at {p['store']!r}; make one "
                     "with `wuneng prepare-data` or set `prepare: [stdlib]`"
                 )
             echo(f"preparing the token store {p['store']} from {list(p['prepare'])} ...")
@@ -74,7 +75,7 @@ def prepare_lm_stores(spec: ExperimentSpec, echo: Callable[[str], None]) -> dict
                 progress=False,
                 **kwargs,
             )
-        out[task.name] = TokenStore(p["store"], "train").vocab_size
+        out[name] = TokenStore(p["store"], "train").vocab_size
     return out
 
 
@@ -86,14 +87,22 @@ def task_vocabs(spec: ExperimentSpec, lm_vocab: dict[str, int]) -> dict[str, int
 
 def setup(
     spec: ExperimentSpec, echo: Callable[[str], None] = print
-) -> tuple[list[RunSpec], list[dict[str, Any]]]:
-    """The run grid and the parameter table (preparing stores and matching parameter counts)."""
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The run grid (the upcycling experiment's jobs first, then the grid's runs) and the parameter table
+    (preparing stores and matching parameter counts)."""
     from train.experiments.params import CachedCounter, match_all
 
-    vocabs = task_vocabs(spec, prepare_lm_stores(spec, echo))
+    store_vocabs = prepare_lm_stores(spec, echo)
+    vocabs = task_vocabs(spec, store_vocabs)
     counter = CachedCounter(Path(spec.out_dir) / "param_counts.json")
     models, table = match_all(spec, vocabs, counter)
-    return plan(spec, models), table
+    runs: list[Any] = plan(spec, models)
+    if spec.upcycle is not None:
+        from train.experiments.upcycle_value import jobs
+
+        vocab = round_up(store_vocabs[UPCYCLE], 64)
+        runs = jobs(spec.upcycle, spec.out_dir, vocab, len(runs)) + runs
+    return runs, table
 
 
 def format_param_table(table: Sequence[dict[str, Any]]) -> str:
@@ -186,9 +195,13 @@ def final_train_loss(run_dir: Path, window: int = 10) -> tuple[float, int]:
     return sum(by_step[s] for s in steps) / len(steps), steps[-1]
 
 
-def execute(run: RunSpec) -> dict[str, Any]:
-    """Train (or resume) one run, score its final checkpoint on the held-out set, write ``result.json``."""
+def execute(run: Any) -> dict[str, Any]:
+    """Train (or resume) one run, score its final checkpoint on the held-out set, write ``result.json``
+    (an upcycling-experiment job runs its whole chain)."""
     import jax
+
+    if not isinstance(run, RunSpec):
+        return run.execute()
 
     from train import checkpoint as ckpt_lib
     from train.config import load_config
@@ -222,8 +235,14 @@ def execute(run: RunSpec) -> dict[str, Any]:
             state = ck.restore(step, trainer.layout, trainer._meta()).state
         finally:
             ck.close()
+        state_from = (
+            getattr(run.task.synthetic(run.seq_len), "state_from", None) if not run.task.is_lm else None
+        )
         acc_step = jit_eval_step(
-            make_accuracy_step(trainer.layout.graphdef), trainer.layout, trainer.mesh, trainer.rules
+            make_accuracy_step(trainer.layout.graphdef, state_from),
+            trainer.layout,
+            trainer.mesh,
+            trainer.rules,
         )
         spec_ = batch_spec(trainer.rules)
         with mesh_context(trainer.mesh, trainer.rules):
@@ -325,7 +344,7 @@ def _fmt_s(seconds: float) -> str:
 
 
 def run_grid(
-    runs: Sequence[RunSpec],
+    runs: Sequence[Any],
     *,
     workers: int = 1,
     cache_dir: Path | None = None,
@@ -345,14 +364,20 @@ def run_grid(
     t_start = time.perf_counter()
     done = 0
 
-    def report(run: RunSpec, res: dict[str, Any]) -> None:
+    def report(run: Any, res: dict[str, Any]) -> None:
         nonlocal done
         done += 1
         elapsed = time.perf_counter() - t_start
         eta = elapsed / done * (len(todo) - done)
+        if "losses" in res:  # an upcycling-experiment job
+            what = "held-out CE " + ", ".join(f"{k} {v:.3f}" for k, v in res["losses"].items())
+        else:
+            what = (
+                f"acc {res['accuracy']:.3f} (last {res['last_accuracy']:.3f}), ce {res['ce']:.3f}, "
+                f"loss {res['train_loss']:.3f}"
+            )
         echo(
-            f"[{skipped + done}/{n}] {run.key}: acc {res['accuracy']:.3f} (last {res['last_accuracy']:.3f}), "
-            f"ce {res['ce']:.3f}, loss {res['train_loss']:.3f} | {res['wall_s']:.0f}s"
+            f"[{skipped + done}/{n}] {run.key}: {what} | {res['wall_s']:.0f}s"
             f" | elapsed {_fmt_s(elapsed)}, ETA {_fmt_s(eta)}"
         )
 
@@ -376,7 +401,7 @@ def run_grid(
     return {"total": n, "skipped": skipped, "ran": done, "remaining": n - skipped - done}
 
 
-def _execute_indexed(run: RunSpec) -> tuple[int, dict[str, Any]]:
+def _execute_indexed(run: Any) -> tuple[int, dict[str, Any]]:
     return run.index, execute(run)
 
 

@@ -19,8 +19,12 @@ Schema (defaults in brackets)::
       <name>: {kind: mqar, seq_lens: [...], num_pairs: int | {seq_len: int} | null [= seq_len // 16],
                num_keys [32], num_values [32], num_queries [= num_pairs]}
       <name>: {kind: state_tracking, seq_lens: [...], group [S5]}
+      <name>: {kind: recall_state, seq_lens: [...], num_pairs: int | {seq_len: int}, group [S3],
+               num_keys [32], num_values [32], num_queries [= num_pairs]}   # the combined task
       <name>: {kind: lm, seq_lens: [...], store, prepare [[]], tokenizer [byte], eval_fraction [0.01],
                stdlib_max_files, stdlib_max_bytes, eval_batches [8]}
+      # any task: `variants: [name, ...]` trains only those variants on it [all]
+    upcycle: {...}                     # optional: the upcycling-value experiment (train.experiments.upcycle_value)
 
 ``vocab_size`` is set by the runner: one vocabulary for all synthetic tasks (the largest task vocabulary
 rounded up to a multiple of 8, so the same variant compiles to the same program for every synthetic
@@ -48,7 +52,12 @@ from train.config import ConfigError, apply_override, load_config
 from train.data import synthetic
 from wuneng_jax.files import read_yaml
 
-TASK_KINDS = ("mqar", "state_tracking", "lm")
+TASK_KINDS = ("mqar", "state_tracking", "recall_state", "lm")
+_SYNTHETIC = {
+    "mqar": synthetic.MQAR,
+    "state_tracking": synthetic.StateTracking,
+    "recall_state": synthetic.RecallState,
+}
 RUNNER_TRAIN_KEYS = ("run_dir", "model", "seq_len", "seed", "data")
 _TOP_KEYS = (
     "name",
@@ -62,6 +71,7 @@ _TOP_KEYS = (
     "variants",
     "tasks",
     "shared",
+    "upcycle",
 )
 _LM_KEYS = (
     "store",
@@ -124,6 +134,7 @@ class TaskSpec:
     kind: str
     seq_lens: tuple[int, ...]
     params: dict[str, Any]
+    variants: tuple[str, ...] | None = None  # None: every variant of the experiment
 
     @property
     def is_lm(self) -> bool:
@@ -134,7 +145,7 @@ class TaskSpec:
         if self.is_lm:
             raise ValueError(f"task {self.name!r} is a language-modelling task, not a synthetic one")
         params = dict(self.params)
-        if self.kind == "mqar":
+        if self.kind in ("mqar", "recall_state"):
             pairs = params.get("num_pairs")
             if pairs is None:
                 pairs = max(1, seq_len // 16)
@@ -164,6 +175,13 @@ def _parse_task(name: str, raw: Any) -> TaskSpec:
     if "seq_lens" not in raw:
         _fail(f"{field}.seq_lens", "is required (a list of sequence lengths)")
     seq_lens = _int_list(raw.pop("seq_lens"), f"{field}.seq_lens", 2)
+    only = raw.pop("variants", None)
+    if only is not None:
+        if isinstance(only, str):
+            only = [only]
+        if not isinstance(only, list | tuple) or not only or not all(isinstance(v, str) for v in only):
+            _fail(f"{field}.variants", f"expected a non-empty list of variant names, got {only!r}")
+        only = tuple(only)
     if kind == "lm":
         _check_keys(raw, _LM_KEYS, field)
         if not raw.get("store"):
@@ -176,13 +194,13 @@ def _parse_task(name: str, raw: Any) -> TaskSpec:
         raw.setdefault("eval_batches", 8)
         _int(raw["eval_batches"], f"{field}.eval_batches")
     else:
-        cls = synthetic.MQAR if kind == "mqar" else synthetic.StateTracking
+        cls = _SYNTHETIC[kind]
         known = [f.name for f in dataclasses.fields(cls) if f.name != "seq_len"]
         _check_keys(raw, known, field)
         pairs = raw.get("num_pairs")
         if isinstance(pairs, Mapping):
             raw["num_pairs"] = {int(k): _int(v, f"{field}.num_pairs.{k}") for k, v in pairs.items()}
-    spec = TaskSpec(name=name, kind=kind, seq_lens=seq_lens, params=raw)
+    spec = TaskSpec(name=name, kind=kind, seq_lens=seq_lens, params=raw, variants=only)
     if not spec.is_lm:
         for t in seq_lens:
             spec.synthetic(t)  # validates every grid point now
@@ -243,6 +261,13 @@ class ExperimentSpec:
     workers: int = 1
     compile_cache: bool = True
     source: str = ""
+    upcycle: Any = None  # train.experiments.upcycle_value.UpcycleSpec or None
+
+    def task_variants(self, task: TaskSpec) -> tuple[VariantSpec, ...]:
+        """The variants trained on ``task`` (its ``variants`` list, in the experiment's order)."""
+        if task.variants is None:
+            return self.variants
+        return tuple(v for v in self.variants if v.name in task.variants)
 
     def variant(self, name: str) -> VariantSpec:
         for v in self.variants:
@@ -329,6 +354,15 @@ def from_dict(raw: Mapping[str, Any], source: str = "") -> ExperimentSpec:
         _fail("params.tolerance", f"expected a number in [0, 1), got {tolerance!r}")
     if any(v.name == reference and v.tune for v in variants):
         _fail(f"variants.{reference}.tune", "the reference variant is not tuned (remove `tune`)")
+    for t in tasks:
+        unknown = sorted(set(t.variants or ()) - set(names))
+        if unknown:
+            _fail(f"tasks.{t.name}.variants", f"{unknown} are not variants of this experiment ({names})")
+    upcycle = None
+    if raw.get("upcycle") is not None:
+        from train.experiments.upcycle_value import parse_upcycle
+
+        upcycle = parse_upcycle(raw["upcycle"], seeds, eval_seed)
     return ExperimentSpec(
         name=name,
         out_dir=out_dir,
@@ -343,6 +377,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "") -> ExperimentSpec:
         workers=workers,
         compile_cache=compile_cache,
         source=source,
+        upcycle=upcycle,
     )
 
 
@@ -401,7 +436,7 @@ def plan(spec: ExperimentSpec, models: Mapping[tuple[str, str], dict[str, Any]])
     for seed in spec.seeds:
         for task in spec.tasks:
             for seq_len in task.seq_lens:
-                for v in spec.variants:
+                for v in spec.task_variants(task):
                     cfg = json.loads(json.dumps(spec.train))
                     run_dir = out / "runs" / task.name / f"T{seq_len}" / v.name / f"seed{seed}"
                     cfg.update(

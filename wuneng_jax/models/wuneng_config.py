@@ -4,7 +4,8 @@
 and validates every field with an error that names it and the fix. ``fusion`` picks the cross-head
 interaction ``F`` (concat | add | gate | full), ``state_query`` the state-modulated queries, ``state_value``
 what the state stores (the attention value or a projection of the attention output), ``hybrid_layers``
-which layers are hybrid (the rest stay plain attention). The layer itself is
+which layers are hybrid (the rest stay plain attention), ``init`` how the new parameters start (``upcycle``:
+the layer equals its attention layer; ``scratch``: state branch and fusion active at step 0). The layer itself is
 :mod:`wuneng_jax.models.wuneng_layer`; the presets below are registered by :mod:`wuneng_jax.models.wuneng`.
 """
 
@@ -22,6 +23,7 @@ from wuneng_jax.layers import rwkv7_ops as ops
 from wuneng_jax.models.qwen2 import QWEN2_TINY, QWEN25_0_5B, QWEN25_1_5B, QWEN25_7B, Qwen2Config
 
 FUSIONS = ("concat", "add", "gate", "full")
+INITS = ("upcycle", "scratch")
 STATE_VALUES = ("attention_value", "attention_output")
 
 
@@ -78,6 +80,11 @@ class WuNengConfig(Qwen2Config):
     o, o+k, ...); stored as ``"all"`` or a sorted tuple. ``middle_out_rank``: rank of ``W_Om`` in ``full``
     fusion (``None``: a full ``[H·D, d]`` matrix). ``wkv_impl`` / ``wkv_chunk_size`` go to
     :func:`pallas_kernels.wkv7`.
+
+    ``init``: ``upcycle`` (default; every fusion/λ parameter at the value that makes each hybrid layer
+    exactly its plain attention layer, ``ARCHITECTURE.md`` §2) or ``scratch`` (fusion weights and λ drawn
+    with fan-in scaling, so the state branch and the fusion are active at step 0: for training from
+    scratch; the recipe is :func:`wuneng_jax.models.wuneng_params.init_hybrid_params`).
     """
 
     family: ClassVar[str] = "wuneng"
@@ -94,6 +101,7 @@ class WuNengConfig(Qwen2Config):
     middle_out_rank: int | None = 64
     wkv_impl: str = "auto"
     wkv_chunk_size: int | None = None
+    init: str = "upcycle"
 
     def __post_init__(self) -> None:
         # Resolve defaults only where their inputs are sane; validate() reports everything else.
@@ -127,6 +135,11 @@ class WuNengConfig(Qwen2Config):
             raise ValueError(
                 f"WuNengConfig.fusion={self.fusion!r} is unknown; choose one of {list(FUSIONS)} "
                 "(ARCHITECTURE.md §2; 'full' is the paper's design)"
+            )
+        if self.init not in INITS:
+            raise ValueError(
+                f"WuNengConfig.init={self.init!r} is unknown; choose one of {list(INITS)} (upcycle: the "
+                "hybrid layer starts equal to its attention layer; scratch: state branch and fusion active)"
             )
         if not isinstance(self.state_query, bool):
             raise ValueError(f"WuNengConfig.state_query={self.state_query!r}: must be true/false")

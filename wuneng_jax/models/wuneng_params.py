@@ -2,8 +2,10 @@
 
 :func:`hybrid_param_names` lists them for a config's settings (the attributes of
 :class:`wuneng_jax.models.wuneng_layer.WuNengAttention`, the keys of ``hybrid_attention``'s mapping, the
-tensor names of the WuNeng checkpoint format). :func:`init_hybrid_params` is the upcycling recipe of
-``ARCHITECTURE.md`` §2: every new parameter starts where the hybrid layer equals its plain attention layer.
+tensor names of the WuNeng checkpoint format). :func:`init_hybrid_params` gives their initial values:
+``init: upcycle`` (default) is the upcycling recipe of ``ARCHITECTURE.md`` §2, every new parameter where the
+hybrid layer equals its plain attention layer; ``init: scratch`` (:func:`scratch_overrides`) draws the fusion
+weights and λ with fan-in scaling instead, so a model trained from scratch uses its state heads from step 0.
 """
 
 from __future__ import annotations
@@ -115,5 +117,50 @@ def init_hybrid_params(
             r = cfg.middle_out_rank
             p["o_middle_a"] = (ops.orthogonal(k_ortho, (hh * hd, r), 1.0, pdt), (HEADS, LORA))
             p["o_middle_b"] = (jnp.zeros((r, d), pdt), (LORA, EMBED))
+    if cfg.init == "scratch":
+        p.update({n: (v, p[n][1]) for n, v in scratch_overrides(cfg, key).items()})
     assert tuple(p) == hybrid_param_names(cfg), (tuple(p), hybrid_param_names(cfg))
     return p
+
+
+def scratch_overrides(cfg: WuNengConfig, key: jax.Array) -> dict[str, jax.Array]:
+    """The ``init: scratch`` values of the fusion and λ parameters (everything else as for upcycling).
+
+    Every matrix that carries the state branch into the layer output or the queries is drawn from
+    ``N(0, 1/fan_in)`` (LeCun normal: ``fan_in`` = the matrix's input width), every per-channel gain is one:
+
+    * ``state_q_proj`` ``W^state_h`` ``[H,D,D]``: ``N(0, 1/D)``; ``state_q_scale`` λ: ones;
+    * ``o_state`` ``W_Os`` ``[S·N, d]``: ``N(0, 1/(S·N))``; ``o_middle`` ``[H·D, d]``: ``N(0, 1/(H·D))``;
+      ``o_middle_b`` ``[r, d]``: ``N(0, 1/r)`` (``o_middle_a`` stays orthogonal);
+    * ``gate_w`` ``W^g_h`` ``[H, 2D, D]``: ``N(0, 1/(2D))``, ``gate_b`` zero, so each middle head starts
+      near the even mix ``(A_h + Norm(R))/2``; ``beta`` β and ``gamma`` γ: ones.
+
+    The RWKV-7 parts (LoRAs with a zero first factor, decay and ICLR biases) keep RWKV-7's own
+    from-scratch recipe. Random draws use ``fold_in(key, i)``, so the upcycle recipe's draws are unchanged.
+    """
+    d, hh, hd, c = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.state_size
+    pdt = jnp.dtype(cfg.param_dtype)
+    keys = iter(jax.random.fold_in(key, 1000 + i) for i in range(8))
+
+    def lecun(shape: tuple[int, ...], fan_in: int) -> jax.Array:
+        return (jax.random.normal(next(keys), shape, jnp.float32) / np.sqrt(fan_in)).astype(pdt)
+
+    ones = lambda *shape: jnp.ones(shape, pdt)  # noqa: E731
+    out: dict[str, jax.Array] = {}
+    if cfg.state_query:
+        out["state_q_proj"] = lecun((hh, hd, hd), hd)
+        out["state_q_scale"] = ones(hh, hd)
+    if cfg.fusion in ("concat", "full"):
+        out["o_state"] = lecun((c, d), c)
+    if cfg.fusion in ("add", "full"):
+        out["beta"] = ones(hh, hd) if cfg.fusion == "add" else ones(cfg.state_heads, cfg.state_head_size)
+    if cfg.fusion in ("gate", "full"):
+        out["gamma"] = ones(hh, hd)
+        out["gate_w"] = lecun((hh, 2 * hd, hd), 2 * hd)
+        out["gate_b"] = jnp.zeros((hh, hd), pdt)
+    if cfg.fusion == "full":
+        if cfg.middle_out_rank is None:
+            out["o_middle"] = lecun((hh * hd, d), hh * hd)
+        else:
+            out["o_middle_b"] = lecun((cfg.middle_out_rank, d), cfg.middle_out_rank)
+    return out
