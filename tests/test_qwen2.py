@@ -13,6 +13,8 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from wuneng_jax.convert.hf_qwen2 import load_qwen2, qwen2_state_dict
+from wuneng_jax.layers.context import LayerContext
+from wuneng_jax.layers.stack import per_layer_params, set_per_layer_params
 from wuneng_jax.layers.packing import document_starts, positions_from_segments
 from wuneng_jax.models import build_model
 from wuneng_jax.models.qwen2 import Qwen2Config
@@ -129,8 +131,9 @@ CFG = Qwen2Config(
 def randomize(model, seed: int, dtype) -> None:
     """Fill every parameter with float32-representable random values (norms ~1, biases non-zero)."""
     rng = np.random.default_rng(seed)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        shape = var.shape
+    values = {}
+    for path, cur in per_layer_params(model).items():  # per layer: each layer's own fan-in
+        shape = cur.shape
         if path[-1] == "scale":
             val = 1.0 + 0.2 * rng.standard_normal(shape)
         elif path[-1] == "bias":
@@ -143,7 +146,8 @@ def randomize(model, seed: int, dtype) -> None:
                 * (1.5 if path[-2] in ("q_proj", "k_proj") else 1.0)
                 / np.sqrt(shape[0])
             )
-        var.set_value(jnp.asarray(val.astype(np.float32).astype(dtype)))
+        values[path] = val.astype(np.float32).astype(dtype)
+    set_per_layer_params(model, values, dtype)
 
 
 def abstract(cfg: Qwen2Config):
@@ -240,9 +244,10 @@ def test_intermediates_and_attention_pieces(own):
     @nnx.jit
     def pieces(m, tokens, h):
         seg, _, rope = m.prepare(tokens)
-        layer = m.layers[1]
+        layer = m.layers.view(1)
         q, k, v = layer.self_attn.project_qkv(layer.input_layernorm(h))
-        return (q, k, v), layer.self_attn.out(layer.self_attn.attend(q, k, v, rope=rope, segment_ids=seg))
+        a, _ = layer.self_attn.attend(q, k, v, LayerContext(rope, seg))
+        return (q, k, v), layer.self_attn.out(a)
 
     (q, k, v), o = pieces(model, jnp.asarray(TOKENS), res.hidden_states[1])
     assert q.shape == (2, 20, 6, 10) and k.shape == v.shape == (2, 20, 2, 10)
@@ -340,7 +345,7 @@ def test_golden_sharded_mesh(golden):
     tokens = np.concatenate([golden["tokens"]] * 2)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
         _, model = load_qwen2(GOLDEN / "qwen2_tiny_untied")
-        q = model.layers[0].self_attn.q_proj.kernel[...]
+        q = model.layers.view(0).self_attn.q_proj.kernel[...]
         assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
         assert model.lm_head.kernel[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
         out = forward(model, tokens)

@@ -342,8 +342,8 @@ def test_sharded_forward_matches(sd, tokens, model32):
     )
     with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
         _, model = load_rwkv7(sd, config_overrides=dict(wkv_impl="reference"))
-        assert tuple(model.blocks[1].att.receptance[...].sharding.spec) == ("fsdp", "tensor")
-        assert tuple(model.blocks[1].ffn.value[...].sharding.spec) == ("tensor", "fsdp")
+        assert tuple(model.blocks.view(1).att.receptance[...].sharding.spec) == ("fsdp", "tensor")
+        assert tuple(model.blocks.view(1).ffn.value[...].sharding.spec) == ("tensor", "fsdp")
         logits, _ = forward(model, tokens)
     want, _ = forward(model32, tokens)
     np.testing.assert_allclose(logits, want, atol=2e-5, rtol=0)
@@ -515,7 +515,7 @@ def test_fresh_init_recipe():
     model = nnx.jit(lambda: RWKV7(cfg, rngs=nnx.Rngs(1)))()  # one compile instead of many eager ops
     C, N, L = cfg.n_embd, cfg.head_size, cfg.n_layer
     n = np.arange(C)
-    for i, blk in enumerate(model.blocks):
+    for i, blk in enumerate(model.blocks.views()):
         att = blk.att
         r1, r0 = 1 - i / L, i / (L - 1)
         np.testing.assert_allclose(att.x_r[...], 1 - (n / C) ** (0.2 * r1), atol=1e-6)
@@ -535,8 +535,8 @@ def test_fresh_init_recipe():
         rw = np.asarray(att.receptance[...])
         np.testing.assert_allclose(rw.T @ rw, np.eye(C), atol=1e-5)
         assert (i == 0) != hasattr(att, "v0")
-    np.testing.assert_allclose(model.blocks[1].att.r_k[...], -0.04)
-    np.testing.assert_allclose(model.blocks[1].att.k_a[...], 1.02)
+    np.testing.assert_allclose(model.blocks.view(1).att.r_k[...], -0.04)
+    np.testing.assert_allclose(model.blocks.view(1).att.k_a[...], 1.02)
     assert np.abs(np.asarray(model.emb[...])).max() <= 1e-4
     head = np.asarray(model.head[...])  # [C,V]: orthogonal columns' rows, gain 0.5*sqrt(V/C)
     np.testing.assert_allclose(head @ head.T, 0.25 * (cfg.vocab_size / C) * np.eye(C), atol=1e-4)

@@ -74,7 +74,7 @@ def test_recipe_copies_and_initial_values(source):
     d, hh, g, hd = QCFG.hidden_size, QCFG.num_heads, QCFG.num_kv_heads, QCFG.head_dim
     n_layers = QCFG.num_layers
     for i in range(n_layers):
-        a, qa = model.layers[i].self_attn, qwen.layers[i].self_attn
+        a, qa = model.layers.view(i).self_attn, qwen.layers.view(i).self_attn
         wq = np.asarray(qa.q_proj.kernel[...], np.float64)
         want_r = np.stack([wq[:, (j * (hh // g)) * hd : (j + 1) * (hh // g) * hd] for j in range(g)])
         want_r = want_r.reshape(g, d, hh // g, hd).mean(axis=2).transpose(1, 0, 2).reshape(d, g * hd)
@@ -113,13 +113,13 @@ def test_table_zero_inits(source, fusion, zero):
     qwen, _ = source
     _, model = upcycle_qwen2(qwen, QCFG, fusion=fusion, **HYBRID)
     for name in zero:
-        assert not np.any(np.asarray(getattr(model.layers[0].self_attn, name)[...]))
+        assert not np.any(np.asarray(getattr(model.layers.view(0).self_attn, name)[...]))
 
 
 def test_attention_output_value_projection_is_group_mean(source):
     qwen, _ = source
     _, model = upcycle_qwen2(qwen, QCFG, state_query=False, state_value="attention_output", **HYBRID)
-    w = np.asarray(model.layers[1].self_attn.state_v_proj[...])
+    w = np.asarray(model.layers.view(1).self_attn.state_v_proj[...])
     hh, g, hd = QCFG.num_heads, QCFG.num_kv_heads, QCFG.head_dim
     a = np.random.default_rng(0).standard_normal((hh, hd))
     got = (a.reshape(-1) @ w).reshape(g, hd)
@@ -129,14 +129,14 @@ def test_attention_output_value_projection_is_group_mean(source):
 def test_hybrid_layer_subset_and_seed(source):
     qwen, _ = source
     cfg, model = upcycle_qwen2(qwen, QCFG, hybrid_layers=[1], seed=7, **HYBRID)
-    assert isinstance(model.layers[0], Qwen2DecoderLayer) and not isinstance(
-        model.layers[0], WuNengDecoderLayer
+    assert isinstance(model.layers.view(0), Qwen2DecoderLayer) and not isinstance(
+        model.layers.view(0), WuNengDecoderLayer
     )
-    assert isinstance(model.layers[1], WuNengDecoderLayer)
+    assert isinstance(model.layers.view(1), WuNengDecoderLayer)
     names = set(hybrid_param_names(cfg))
-    assert not any(p[-1] in names for p, _ in nnx.to_flat_state(nnx.state(model.layers[0], nnx.Param)))
+    assert not any(p[-1] in names for p, _ in nnx.to_flat_state(nnx.state(model.layers.view(0), nnx.Param)))
     _, other = upcycle_qwen2(qwen, QCFG, hybrid_layers=[1], seed=8, **HYBRID)
-    w2a, w2b = (np.asarray(m.layers[1].self_attn.w2[...]) for m in (model, other))
+    w2a, w2b = (np.asarray(m.layers.view(1).self_attn.w2[...]) for m in (model, other))
     assert not np.array_equal(w2a, w2b)  # the seed drives the random parts
 
 

@@ -30,6 +30,7 @@ from train.upcycle.params import GROUPS, in_group, trainable_split
 from train.upcycle.pipeline import load_pipeline, run_pipeline
 from wuneng_jax import config as mc
 from wuneng_jax.convert.upcycle import upcycle_qwen2
+from wuneng_jax.layers.context import LayerContext
 from wuneng_jax.models import build_model
 from wuneng_jax.models.qwen2 import Qwen2
 from wuneng_jax.models.wuneng_params import hybrid_param_names
@@ -131,8 +132,8 @@ def _forward_parts(student, qwen, bt):
         t_out = teacher.forward_with_intermediates(bt["tokens"], bt["segment_ids"], bt["positions"])
         seg, _, rope = model.prepare(bt["tokens"], bt["segment_ids"], bt["positions"])
         forced = []
-        for i, layer in enumerate(model.layers):
-            out = layer.self_attn(layer.input_layernorm(t_out.hidden_states[i]), rope=rope, segment_ids=seg)
+        for i, layer in enumerate(model.layers.views()):
+            out = layer.self_attn(layer.input_layernorm(t_out.hidden_states[i]), LayerContext(rope, seg))
             forced.append({"state": out.state_branch, "hybrid": out.o})
         free = model.forward_with_intermediates(bt["tokens"], bt["segment_ids"], bt["positions"])
         return t_out.attn_outputs, forced, free.attn_outputs
@@ -186,7 +187,7 @@ def test_align_identity_at_init_and_teacher_forcing(upcycled, align_fn):
     # Teacher forcing: move layer 0's fused output away from the teacher; layer 1 is still fed the
     # teacher's hidden state, so its loss is the teacher-forced value, not the free-running one.
     moved = nnx.clone(student)
-    attn0 = moved.layers[0].self_attn
+    attn0 = moved.layers.view(0).self_attn
     attn0.o_state.set_value(jnp.full(attn0.o_state.shape, 0.05, jnp.float32))
     m = align_fn(moved, bt)
     t_attn, forced, free = _forward_parts(moved, qwen, bt)

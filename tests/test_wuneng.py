@@ -32,6 +32,8 @@ from wuneng_cases import (
 from wuneng_jax import sharding as S
 from wuneng_jax.config import config_from_dict, config_to_dict, load_model_config, preset
 from wuneng_jax.convert.upcycle import upcycle_qwen2
+from wuneng_jax.layers.context import LayerContext
+from wuneng_jax.layers.stack import unstack_model_flat
 from wuneng_jax.models import build_model
 from wuneng_jax.models.qwen2 import Qwen2DecoderLayer
 from wuneng_jax.models.wuneng import WuNeng
@@ -159,20 +161,20 @@ def test_flops_dims_for_training_metrics():
 def test_hybrid_layer_selection_and_logical_names():
     cfg = wcfg(dataclasses.replace(QCFG, num_layers=3), hybrid_layers={"every": 2})
     model = nnx.eval_shape(lambda: WuNeng(cfg, rngs=nnx.Rngs(0)))
-    kinds = [type(layer) for layer in model.layers]
+    kinds = [type(layer) for layer in model.layers.views()]
     assert kinds == [WuNengDecoderLayer, Qwen2DecoderLayer, WuNengDecoderLayer]
     names = set(hybrid_param_names(cfg))
-    plain = {p[-1] for p, _ in nnx.to_flat_state(nnx.state(model.layers[1], nnx.Param))}
+    plain = {p[-1] for p, _ in nnx.to_flat_state(nnx.state(model.layers.view(1), nnx.Param))}
     assert not plain & names
     for i in (0, 2):
-        got = {p[-1] for p, _ in nnx.to_flat_state(nnx.state(model.layers[i].self_attn, nnx.Param))}
+        got = {p[-1] for p, _ in nnx.to_flat_state(nnx.state(model.layers.view(i).self_attn, nnx.Param))}
         assert names <= got
     known = {v for k, v in vars(S).items() if k.isupper() and isinstance(v, str)}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = var.get_metadata().get("out_sharding")
         assert axes is not None and len(axes) == len(var.shape), path
         assert all(a is None or a in known for a in axes), (path, axes)
-    a = model.layers[0].self_attn
+    a = model.layers.view(0).self_attn
     assert a.r_proj.get_metadata()["out_sharding"] == (S.EMBED, S.STATE_HEADS)
     assert a.w1.get_metadata()["out_sharding"] == (S.EMBED, S.LORA)
     assert a.o_state.get_metadata()["out_sharding"] == (S.STATE_HEADS, S.EMBED)
@@ -215,7 +217,8 @@ def test_perturbed_branches_change_output_and_get_gradients(qwen, overrides):
         return jnp.sum(m(tok, seg) * weights)
 
     grads = nnx.grad(loss)(model)
-    flat = {".".join(map(str, p)): np.asarray(g[...]) for p, g in nnx.to_flat_state(grads)}
+    stacked = {tuple(p): g.get_value() for p, g in nnx.to_flat_state(grads)}
+    flat = {".".join(map(str, p)): np.asarray(g) for p, g in unstack_model_flat(model, stacked).items()}
     new = new_params(model, cfg)
     assert len(new) == len(hybrid_param_names(cfg)) * QCFG.num_layers
     for name in flat:  # every parameter, new and Qwen2 alike
@@ -268,13 +271,13 @@ def test_intermediates_and_state_api(qwen):
     assert out.state_outputs[0] is None and out.state[0] is None
     assert out.state_outputs[1].shape == (B, T, QCFG.hidden_size)
     # the state branch is W_O applied to the state read-out: it lies in W_O's column space
-    wo = np.asarray(model.layers[1].self_attn.o_proj.kernel[...], np.float64)
+    wo = np.asarray(model.layers.view(1).self_attn.o_proj.kernel[...], np.float64)
     br = np.asarray(out.state_outputs[1], np.float64).reshape(-1, QCFG.hidden_size)
     coef, *_ = np.linalg.lstsq(wo.T, br.T, rcond=None)
     assert maxabs(coef.T @ wo, br) <= 1e-4 * np.abs(br).max()
     # layer i's input + attention output + MLP = layer i+1's input
     h1 = out.hidden_states[0] + out.attn_outputs[0]
-    mlp = model.layers[0].mlp(model.layers[0].post_attention_layernorm(h1))
+    mlp = model.layers.view(0).mlp(model.layers.view(0).post_attention_layernorm(h1))
     assert maxabs(h1 + mlp, out.hidden_states[1]) <= 1e-5
     logits, state = model(tok, seg, return_state=True)
     zero = model.init_state(B)
@@ -299,12 +302,13 @@ def test_bfloat16_compute_close_to_float32():
 
     def layer(m, h):
         _, _, rope = m.prepare(jnp.asarray(TOK), jnp.asarray(SEG))
-        return m.layers[0](h.astype(m.cfg.dtype), rope=rope, segment_ids=jnp.asarray(SEG))
+        return m.layers.view(0)(h.astype(m.cfg.dtype), LayerContext(rope, jnp.asarray(SEG)))
 
     a = layer(m32, jnp.asarray(h))
     b = nnx.jit(layer)(m16, jnp.asarray(h))
-    assert b.h.dtype == jnp.bfloat16 and b.state.wkv.dtype == jnp.float32
-    for x, y in ((b.h, a.h), (b.o, a.o), (b.state_branch, a.state_branch), (b.state.wkv, a.state.wkv)):
+    assert b.h.dtype == jnp.bfloat16 and b.cache.state.wkv.dtype == jnp.float32
+    pairs = ((b.h, a.h), (b.o, a.o), (b.state_branch, a.state_branch), (b.cache.state.wkv, a.cache.state.wkv))
+    for x, y in pairs:
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         # bfloat16 keeps ~3 significant digits; every weight here is random at unit scale
         assert 0 < np.abs(x - y).max() <= 0.08 * np.abs(y).max()
@@ -323,7 +327,7 @@ def test_sharded_mesh_matches_single_device(qwen):
     )
     with jax.set_mesh(mesh), nnx.logical_axis_rules(S.DEFAULT_RULES):
         _, model = upcycle_qwen2(qwen, QCFG, **HYBRID)
-        a = model.layers[0].self_attn
+        a = model.layers.view(0).self_attn
         want = spmd.apply_rules(jax.sharding.PartitionSpec(S.EMBED, S.STATE_HEADS), S.DEFAULT_RULES)
         assert a.r_proj[...].sharding.spec == want == jax.sharding.PartitionSpec("fsdp", "tensor")
         assert a.w2[...].sharding.spec == jax.sharding.PartitionSpec(None, "tensor")

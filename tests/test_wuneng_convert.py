@@ -80,13 +80,13 @@ def test_file_layout(models, tmp_path):
     # The Qwen2 part under Hugging Face names and layout ([out, in] linear weights) ...
     qmap = hf_param_map(cfg.to_qwen2())
     w = tensors["model.layers.1.self_attn.q_proj.weight"]
-    np.testing.assert_array_equal(w, np.asarray(model.layers[1].self_attn.q_proj.kernel[...]).T)
+    np.testing.assert_array_equal(w, np.asarray(model.layers.view(1).self_attn.q_proj.kernel[...]).T)
     # ... and the new parameters of hybrid layer 1 only, in this library's layout.
     new = {f"model.layers.1.self_attn.{n}" for n in hybrid_param_names(cfg)}
     assert set(tensors) == set(qmap) | new
     np.testing.assert_array_equal(
         tensors["model.layers.1.self_attn.state_v_proj"],
-        np.asarray(model.layers[1].self_attn.state_v_proj[...]),
+        np.asarray(model.layers.view(1).self_attn.state_v_proj[...]),
     )
     # The Qwen2 tensors alone form a loadable Qwen2 checkpoint equal to the base model.
     qdir = tmp_path / "qwen2"

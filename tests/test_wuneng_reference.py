@@ -10,6 +10,7 @@ continues from a carried state.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,9 @@ import pytest
 from flax import nnx
 from wuneng_cases import QCFG, SEG, B, T, random_model, wcfg
 
+from wuneng_jax.layers.context import LayerContext
 from wuneng_jax.models.wuneng import WuNeng
+from wuneng_jax.models.wuneng_layer import HybridCache, WuNengLayerState
 
 GN_EPS = 64e-5  # RWKV-7 ln_x eps
 
@@ -170,7 +173,7 @@ CASES = [
 def build(qover: dict, hover: dict, dtype: str, seed: int):
     cfg = wcfg(dataclasses.replace(QCFG, dtype=dtype, param_dtype=dtype, **qover), **hover)
     model = random_model(WuNeng, cfg, seed)
-    layer = model.layers[0]
+    layer = model.layers.view(0)
     P = {
         ".".join(map(str, p)): np.asarray(v[...], np.float64)
         for p, v in nnx.to_flat_state(nnx.state(layer, nnx.Param))
@@ -178,10 +181,20 @@ def build(qover: dict, hover: dict, dtype: str, seed: int):
     return cfg, model, P
 
 
+class LayerResult(NamedTuple):
+    h: jax.Array
+    o: jax.Array
+    state_branch: jax.Array
+    state: WuNengLayerState
+
+
 def run_layer(model, h, seg, pos, state=None):
+    """Hybrid layer 0 through its one call (training context; ``state`` continues the recurrence)."""
     _, _, rope = model.prepare(jnp.zeros(seg.shape, jnp.int32), jnp.asarray(seg), jnp.asarray(pos))
     dt = jnp.dtype(model.cfg.dtype)
-    return model.layers[0](jnp.asarray(h, dt), rope=rope, segment_ids=jnp.asarray(seg), state=state)
+    ctx = LayerContext(rope, jnp.asarray(seg))
+    out = model.layers.view(0)(jnp.asarray(h, dt), ctx, HybridCache(None, state))
+    return LayerResult(out.h, out.o, out.state_branch, out.cache.state)
 
 
 def rel(a, b) -> float:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
+from wuneng_jax.layers.stack import per_layer_params, set_per_layer_params
 from wuneng_jax.models.qwen2 import Qwen2, Qwen2Config
 from wuneng_jax.models.wuneng import WuNeng
 from wuneng_jax.models.wuneng_config import WuNengConfig
@@ -70,15 +70,16 @@ def randomize(model: nnx.Module, seed: int, only: set[str] | None = None, scale:
     ``value + scale * noise`` (so zero-initialised ones become random) instead of fresh values.
     """
     rng = np.random.default_rng(seed)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    values = {}
+    for path, cur in per_layer_params(model).items():  # per layer: fan-in of the layer's own matrices
         name = path[-1]
-        shape = var.shape
+        shape = cur.shape
         if only is not None:
             if name not in only:
                 continue
             fan = shape[-2] if len(shape) >= 2 else 1
             noise = rng.standard_normal(shape) / np.sqrt(fan)
-            var.set_value(jax.numpy.asarray(np.asarray(var[...], np.float64) + scale * noise, var.dtype))
+            values[path] = (np.asarray(cur, np.float64) + scale * noise).astype(cur.dtype)
             continue
         if name == "scale":
             val = 1.0 + 0.2 * rng.standard_normal(shape)
@@ -88,7 +89,8 @@ def randomize(model: nnx.Module, seed: int, only: set[str] | None = None, scale:
             val = rng.standard_normal(shape)
         else:
             val = rng.standard_normal(shape) / np.sqrt(shape[0])
-        var.set_value(jax.numpy.asarray(val.astype(np.float32), var.dtype))
+        values[path] = val.astype(np.float32)
+    set_per_layer_params(model, values)
 
 
 def random_model(cls: type, cfg: Any, seed: int) -> nnx.Module:
@@ -111,9 +113,9 @@ def new_params(model: WuNeng, cfg: WuNengConfig) -> dict[str, Any]:
     """``{"layer.name": value}`` for every hybrid parameter of ``model``."""
     names = set(hybrid_param_names(cfg))
     out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, value in per_layer_params(model).items():
         if path[-1] in names and "self_attn" in path:
-            out[".".join(map(str, path))] = var[...]
+            out[".".join(map(str, path))] = value
     return out
 
 

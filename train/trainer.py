@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from train import checkpoint as ckpt_lib
@@ -710,23 +711,22 @@ class Trainer:
         )
 
     def _sample(self, state) -> str:
-        from train.sample import generate
+        """A sample from the current weights through the decode engine (KV cache / recurrent state)."""
+        from wuneng_jax.decode import Decoder, SamplingConfig
 
         tok = getattr(self, "tokenizer", None) or self.store.tokenizer()
         e = self.cfg.eval
         prompt = tok.encode(e.sample_prompt) if e.sample_prompt else []
         t0 = time.perf_counter()
-        ids = generate(
-            self.layout.graphdef,
-            state.params,
-            state.rest,
-            prompt,
-            e.sample_tokens,
-            window=self.cfg.seq_len,
-            temperature=e.sample_temperature,
-            seed=self.cfg.seed,
-            pad_id=tok.eos_id,
-            vocab_limit=tok.vocab_size,
-        )
+        with mesh_context(self.mesh, self.rules):
+            decoder = Decoder(nnx.merge(self.layout.graphdef, state.params, state.rest))
+            ids = decoder.generate(
+                [prompt or [tok.eos_id]],
+                max_new_tokens=e.sample_tokens,
+                sampling=SamplingConfig(temperature=e.sample_temperature),
+                seed=self.cfg.seed,
+                vocab_limit=tok.vocab_size,
+                pad_id=tok.eos_id,
+            ).tokens[0]
         log.info("sampled %d tokens in %.1fs", len(ids), time.perf_counter() - t0)
         return e.sample_prompt + tok.decode(ids)

@@ -326,7 +326,8 @@ def compile_inference(
 
     from train.mesh import logical_to_spec
     from wuneng_jax import sharding as S
-    from wuneng_jax.decode import families
+    from wuneng_jax.decode import steps as families
+    from wuneng_jax.layers.context import KVLayer
 
     mesh, rules = target.mesh, target.cfg.rules
     graphdef, layout = target.layout.graphdef, target.layout
@@ -340,13 +341,18 @@ def compile_inference(
     with mesh_context(mesh, rules):
         state = jax.eval_shape(lambda p, r: families.init_state(model_of(p, r), batch, max_len), params, rest)
     state_sh = jax.tree.map(lambda x: _batch_leaf_sharding(mesh, x, batch, batch_axes), state)
-    if state.kv is not None:
+
+    def kv_sharding(x, sh):  # stacked KV caches [n,B,S,G,D]: batch and KV heads
+        if not isinstance(x, KVLayer):
+            return sh
         try:
-            check_divisible(state.kv.k.shape, kv_spec, mesh, "KV cache")
-            kv = NamedSharding(mesh, kv_spec)
-            state_sh = state_sh._replace(kv=state_sh.kv._replace(k=kv, v=kv))
+            check_divisible(x.k.shape, kv_spec, mesh, "KV cache")
         except MeshError:
-            pass  # keep the batch-only sharding
+            return sh  # keep the batch-only sharding
+        return KVLayer(NamedSharding(mesh, kv_spec), NamedSharding(mesh, kv_spec))
+
+    is_kv = lambda x: isinstance(x, KVLayer)
+    state_sh = state_sh._replace(caches=jax.tree.map(kv_sharding, state.caches, state_sh.caches, is_leaf=is_kv))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
     rows = _batch_leaf_sharding(mesh, jax.ShapeDtypeStruct((batch, 1), jnp.int32), batch, batch_axes)
     prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=rows)

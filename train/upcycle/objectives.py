@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from train.train_step import Batch, cross_entropy
-from wuneng_jax.layers.remat import remat_layer
+from wuneng_jax.layers.context import LayerContext
+from wuneng_jax.layers.stack import stack_flat, unstack_model_flat
 
 #: Stands in for -inf on teacher logits of ids the teacher does not have (exp underflows to exactly 0).
 NEG_LOGIT = -1e9
@@ -82,46 +83,51 @@ def _model_inputs(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
 class AlignObjective:
     """Teacher-forced per-layer alignment (module docstring).
 
-    ``teacher_paths``: with ``teacher: self`` the teacher's parameters are the student's own Qwen2
-    parameters at these paths (frozen; ``extra`` is None); otherwise ``extra`` holds them.
+    ``teacher_paths``: with ``teacher: self``, ``(per-layer paths, the teacher's stack groups)``: the
+    teacher's parameters are the student's own Qwen2 parameters at these per-layer paths (frozen; ``extra``
+    is None), restacked into the teacher's layout; otherwise ``None`` and ``extra`` holds them.
     """
 
     graphdef: Any
     layer_ids: tuple[int, ...]
     teacher_graphdef: Any
     branch: str = "state"
-    teacher_paths: frozenset | None = None
-    remat: str = "none"
+    teacher_paths: tuple[frozenset, tuple] | None = None
 
     def count(self, batch: Batch) -> jax.Array:
         return jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
 
-    def _teacher_params(self, params: Any, extra: Any) -> Any:
+    def _teacher_params(self, model: nnx.Module, params: Any, extra: Any) -> Any:
         if extra is not None:
             return extra
-        paths = self.teacher_paths
-        return nnx.split_state(params, lambda path, _: tuple(path) in paths, ...)[0]
+        paths, groups = self.teacher_paths
+        flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(params)}
+        per_layer = unstack_model_flat(model, flat)
+        return nnx.State.from_flat_path(stack_flat({p: per_layer[p] for p in paths}, groups))
 
     def __call__(self, params: Any, rest: Any, batch: Batch, extra: Any):
         tokens, seg, pos = _model_inputs(batch)
-        teacher = nnx.merge(self.teacher_graphdef, jax.lax.stop_gradient(self._teacher_params(params, extra)))
-        t_out = teacher.forward_with_intermediates(tokens, seg, pos)
         model = nnx.merge(self.graphdef, params, rest)
+        teacher_params = jax.lax.stop_gradient(self._teacher_params(model, params, extra))
+        t_out = nnx.merge(self.teacher_graphdef, teacher_params).forward_with_intermediates(tokens, seg, pos)
         seg_ids, _, rope = model.prepare(tokens, seg, pos)
+        ctx = LayerContext(rope, seg_ids)
         branch = self.branch
 
-        def student_branch(layer: nnx.Module, h: jax.Array, rope: Any, seg_ids: jax.Array) -> jax.Array:
-            out = layer.self_attn(layer.input_layernorm(h), rope=rope, segment_ids=seg_ids)
-            return out.state_branch if branch == "state" else out.o
+        def step(layer: nnx.Module, carry: None, h: jax.Array):  # the teacher's input rides in the cache slot
+            out = layer(h, ctx)
+            return carry, None, out.state_branch if branch == "state" else out.o
 
-        student_branch = remat_layer(student_branch, self.remat)
+        inputs = [None] * len(model.layers)
+        for i in self.layer_ids:
+            inputs[i] = jax.lax.stop_gradient(t_out.hidden_states[i])
+        _, _, aux = model.layers(step, None, model.layers.group_caches(inputs), only=frozenset(self.layer_ids))
+        student = model.layers.layer_caches(aux)
         mask = (seg > 0).astype(jnp.float32)
         sums: dict[str, jax.Array] = {}
         for i in self.layer_ids:
-            h = jax.lax.stop_gradient(t_out.hidden_states[i])
             target = jax.lax.stop_gradient(t_out.attn_outputs[i])
-            s = student_branch(model.layers[i], h, rope, seg_ids)
-            sums[f"align/layer_{i}"] = jnp.sum(align_token_loss(target, s) * mask)
+            sums[f"align/layer_{i}"] = jnp.sum(align_token_loss(target, student[i]) * mask)
         total = sum(sums.values()) / len(sums)
         return total, {"loss": total, **sums}, rest
 

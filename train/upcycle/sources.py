@@ -31,7 +31,7 @@ from flax import nnx
 from train.config import ConfigError, Rules
 from train.mesh import mesh_context
 from wuneng_jax import config as mc
-from wuneng_jax.layers.params import place
+from wuneng_jax.layers.stack import per_layer_params, set_per_layer_params
 from wuneng_jax.models.qwen2 import Qwen2Config
 from wuneng_jax.models.wuneng import WuNengConfig
 
@@ -313,18 +313,16 @@ def untie_embeddings(model: nnx.Module, cfg: Any) -> nnx.Module:
     from wuneng_jax.models import build_model
 
     new = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
-    src = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    for path, _ in nnx.to_flat_state(nnx.state(new, nnx.Param)):
-        target: Any = new
-        for part in path:
-            target = target[part] if isinstance(part, int) else getattr(target, part)
-        if tuple(path) in src:
-            value = src[tuple(path)][...]
-        elif tuple(path) == ("lm_head", "kernel"):
-            value = jnp.transpose(src[("embed_tokens", "embedding")][...])
+    src = per_layer_params(model)
+    values = {}
+    for path in per_layer_params(new):
+        if path in src:
+            values[path] = src[path]
+        elif path == ("lm_head", "kernel"):
+            values[path] = jnp.transpose(src[("embed_tokens", "embedding")])
         else:
             raise ValueError(f"untie_embeddings: no source for parameter {'.'.join(map(str, path))}")
-        target.set_value(place(value, target, cfg.param_dtype))
+    set_per_layer_params(new, values, cfg.param_dtype, where="untie_embeddings")
     return new
 
 

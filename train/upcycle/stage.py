@@ -20,8 +20,9 @@ from train.config import ConfigError, Rules, TrainConfig, resolve_model_config
 from train.mesh import mesh_context
 from train.upcycle import sources
 from train.upcycle.params import TrainableSplit, describe_split, trainable_split
+from wuneng_jax.layers.stack import layer_paths, per_layer_params
 from wuneng_jax.models.qwen2 import Qwen2, Qwen2Config
-from wuneng_jax.models.wuneng import WuNengConfig
+from wuneng_jax.models.wuneng import WuNeng, WuNengConfig
 
 
 @dataclasses.dataclass
@@ -152,17 +153,19 @@ def _plan_align(plan: StagePlan, cfg: TrainConfig, abstract: Any) -> None:
         raise ConfigError(
             "config field `stage.kind`: align trains the state heads of a wuneng model; set model.family=wuneng"
         )
-    remat = model_cfg.remat
     if st.teacher in (None, "self"):
         tcfg = dataclasses.replace(model_cfg.to_qwen2(), dtype=cfg.dtype)
         tcfg = sources._with_runtime(tcfg, remat="none")
-        tgraph, tabstract = nnx.split(nnx.eval_shape(lambda: Qwen2(tcfg, rngs=nnx.Rngs(0))), nnx.Param)
-        paths = frozenset(tuple(p) for p, _ in nnx.to_flat_state(tabstract))
+        teacher = nnx.eval_shape(lambda: Qwen2(tcfg, rngs=nnx.Rngs(0)))
+        tgraph = nnx.split(teacher, nnx.Param)[0]
+        paths = frozenset(per_layer_params(teacher))  # per layer: the layouts of the two stacks differ
+        student = nnx.eval_shape(lambda: WuNeng(model_cfg, rngs=nnx.Rngs(0)))
         trained = (
             {tuple(p) for p, _ in nnx.to_flat_state(abstract)}
             if plan.trainable is None
             else plan.trainable.trained
         )
+        trained = {q for p in trained for q in layer_paths(student, p)}
         bad = sorted(".".join(map(str, p)) for p in trained & paths)
         if bad:
             raise ConfigError(
@@ -171,7 +174,7 @@ def _plan_align(plan: StagePlan, cfg: TrainConfig, abstract: Any) -> None:
                 "[base]) or name a separate teacher"
             )
         plan.notes.append("teacher: the student's own frozen Qwen2 weights (teacher: self)")
-        tgraph_, tpaths, layer_ids = tgraph, paths, model_cfg.hybrid_layer_ids
+        tgraph_, tpaths, layer_ids = tgraph, (paths, teacher.layers.groups), model_cfg.hybrid_layer_ids
     else:
         plan.teacher = TeacherPlan.create(sources.open_source(st.teacher, "stage.teacher"), cfg.dtype)
         t = plan.teacher.cfg
@@ -189,7 +192,7 @@ def _plan_align(plan: StagePlan, cfg: TrainConfig, abstract: Any) -> None:
     )
     branch = st.align_branch
     plan.make_objective = lambda graphdef: AlignObjective(
-        graphdef, tuple(layer_ids), tgraph_, branch=branch, teacher_paths=tpaths, remat=remat
+        graphdef, tuple(layer_ids), tgraph_, branch=branch, teacher_paths=tpaths
     )
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from wuneng_jax.convert.safetensors_io import read_safetensors, write_safetensors
-from wuneng_jax.layers.params import place
+from wuneng_jax.layers.stack import per_layer_params, set_per_layer_params
 from wuneng_jax.models.rwkv7 import RWKV7, RWKV7Config
 
 _LAYER0_UNUSED = ("v0", "v1", "v2")
@@ -99,13 +99,6 @@ def _to_blinkdl(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "linear":
         return np.ascontiguousarray(x.T)
     return x
-
-
-def _get_var(model: nnx.Module, path: tuple[Any, ...]) -> nnx.Variable:
-    obj: Any = model
-    for part in path:
-        obj = obj[part] if isinstance(part, int) else getattr(obj, part)
-    return obj
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,10 +233,8 @@ def load_rwkv7(
         )
 
     model = nnx.eval_shape(lambda: RWKV7(cfg, rngs=nnx.Rngs(0)))
-    for key, path, kind, _ in table:
-        var = _get_var(model, path)
-        value = _to_model(_to_numpy(sd[key]), kind)
-        var.set_value(place(value, var, cfg.param_dtype))
+    values = {tuple(path): _to_model(_to_numpy(sd[key]), kind) for key, path, kind, _ in table}
+    set_per_layer_params(model, values, cfg.param_dtype, where="load_rwkv7")
     return cfg, model
 
 
@@ -257,8 +248,9 @@ def export_rwkv7(model: RWKV7, *, include_unused: bool = True) -> dict[str, np.n
     """
     cfg = model.cfg
     out: dict[str, np.ndarray] = {}
+    current = per_layer_params(model)
     for key, path, kind, shape in key_table(cfg):
-        value = _to_blinkdl(np.asarray(jax.device_get(_get_var(model, path)[...])), kind)
+        value = _to_blinkdl(np.asarray(jax.device_get(current[tuple(path)])), kind)
         assert value.shape == shape, (key, value.shape, shape)
         out[key] = value
     if include_unused:

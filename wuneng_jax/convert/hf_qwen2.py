@@ -27,7 +27,7 @@ from wuneng_jax.convert.safetensors_io import (
     write_safetensors_dir,
 )
 from wuneng_jax.files import FileFormatError, read_json
-from wuneng_jax.layers.params import place
+from wuneng_jax.layers.stack import per_layer_params, set_per_layer_params
 from wuneng_jax.models.qwen2 import Qwen2, Qwen2Config
 
 CONFIG_FILE = "config.json"
@@ -155,13 +155,6 @@ def hf_param_map(cfg: Qwen2Config) -> dict[str, tuple[tuple[str | int, ...], boo
     return m
 
 
-def _resolve(model: nnx.Module, path: tuple[str | int, ...]) -> nnx.Variable:
-    obj: Any = model
-    for part in path:
-        obj = obj[part] if isinstance(part, int) else getattr(obj, part)
-    return obj
-
-
 def _list_keys(keys: list[str], limit: int = 12) -> str:
     return str(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
@@ -240,31 +233,32 @@ def fill_from_state_dict(
     path: str | Path,
 ) -> None:
     """Set every parameter of ``model`` from ``tensors`` (the inverse of :func:`collect_state_dict`),
-    checking shapes; ``path`` names the checkpoint in errors."""
+    checking shapes; ``path`` names the checkpoint in errors. Attribute paths are per layer
+    (``("layers", i, ...)``); stacked layers are filled a whole group at a time."""
+    current = per_layer_params(model)
+    values = {}
     for key, (attr, transposed) in param_map.items():
-        var = _resolve(model, attr)
+        var = current[tuple(attr)]
         want = tuple(var.shape[::-1]) if transposed else tuple(var.shape)
         arr = tensors[key]
         if tuple(arr.shape) != want:
             raise ValueError(
                 f"{path}: tensor {key!r} has shape {tuple(arr.shape)}, the config expects {want}"
             )
-        var.set_value(place(arr.T if transposed else arr, var, param_dtype))
+        values[tuple(attr)] = arr.T if transposed else arr
+    set_per_layer_params(model, values, param_dtype, where=str(path))
 
 
 def collect_state_dict(
     model: nnx.Module, param_map: dict[str, tuple[tuple[str | int, ...], bool]], *, dtype: str | None = None
 ) -> dict[str, np.ndarray]:
-    """Tensors of ``model`` by file key: ``param_map`` maps each key to (attribute path, transposed)."""
+    """Tensors of ``model`` by file key: ``param_map`` maps each key to (per-layer attribute path, transposed)."""
+    current = per_layer_params(model)
     out = {}
     for key, (attr, transposed) in param_map.items():
-        try:
-            var = _resolve(model, attr)
-        except (AttributeError, IndexError, TypeError):
-            raise ValueError(
-                f"model has no parameter for {key!r} (expected at {'.'.join(map(str, attr))})"
-            ) from None
-        arr = np.asarray(jax.device_get(var[...]))
+        if tuple(attr) not in current:
+            raise ValueError(f"model has no parameter for {key!r} (expected at {'.'.join(map(str, attr))})")
+        arr = np.asarray(jax.device_get(current[tuple(attr)]))
         if transposed:
             arr = np.ascontiguousarray(arr.T)
         if dtype is not None:

@@ -24,18 +24,11 @@ from typing import Any
 import jax
 from flax import nnx
 
-from wuneng_jax.layers.params import place
+from wuneng_jax.layers.stack import per_layer_params, set_per_layer_params
 from wuneng_jax.models.qwen2 import Qwen2, Qwen2Config
 from wuneng_jax.models.wuneng import WuNeng
 from wuneng_jax.models.wuneng_config import WuNengConfig, wuneng_config_from_qwen2
 from wuneng_jax.models.wuneng_params import init_hybrid_params
-
-
-def _resolve(model: nnx.Module, path: tuple[Any, ...]) -> Any:
-    obj: Any = model
-    for part in path:
-        obj = obj[part] if isinstance(part, int) else getattr(obj, part)
-    return obj
 
 
 def upcycle_qwen2(
@@ -66,36 +59,32 @@ def upcycle_qwen2(
     cfg = wuneng_config_from_qwen2(qwen2_cfg, **wuneng_overrides)
     model = nnx.eval_shape(lambda: WuNeng(cfg, rngs=nnx.Rngs(seed)))
 
-    src = nnx.to_flat_state(nnx.state(qwen2_model, nnx.Param))
-    dst = {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    for path, var in src:
+    src = per_layer_params(qwen2_model)
+    dst = per_layer_params(model)
+    values = {}
+    for path, value in src.items():
+        name = ".".join(map(str, path))
         if path not in dst:
+            raise ValueError(f"upcycle_qwen2: the WuNeng model has no parameter at {name}")
+        if tuple(value.shape) != tuple(dst[path].shape):
             raise ValueError(
-                f"upcycle_qwen2: the WuNeng model has no parameter at {'.'.join(map(str, path))}"
+                f"upcycle_qwen2: {name} has shape {tuple(value.shape)}, the WuNeng config "
+                f"expects {tuple(dst[path].shape)}"
             )
-        target = _resolve(model, path)
-        value = var[...]
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(
-                f"upcycle_qwen2: {'.'.join(map(str, path))} has shape {tuple(value.shape)}, the WuNeng config "
-                f"expects {tuple(target.shape)}"
-            )
-        target.set_value(place(value, target, cfg.param_dtype))
+        values[path] = value
 
     base_key = jax.random.PRNGKey(seed)
     for i in cfg.hybrid_layer_ids:
-        attn = qwen2_model.layers[i].self_attn
+        attn = ("layers", i, "self_attn")
         init = init_hybrid_params(
             cfg,
             i,
-            q_kernel=attn.q_proj.kernel[...],
-            k_kernel=attn.k_proj.kernel[...],
+            q_kernel=src[(*attn, "q_proj", "kernel")],
+            k_kernel=src[(*attn, "k_proj", "kernel")],
             key=jax.random.fold_in(base_key, i),
         )
-        target_attn = model.layers[i].self_attn
-        for name, (value, _) in init.items():
-            target = getattr(target_attn, name)
-            target.set_value(place(value, target, cfg.param_dtype))
+        values |= {(*attn, name): value for name, (value, _) in init.items()}
+    set_per_layer_params(model, values, cfg.param_dtype, where="upcycle_qwen2")
 
     leftover = [
         ".".join(map(str, p))

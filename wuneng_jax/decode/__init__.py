@@ -14,9 +14,9 @@ Lower level (pure functions, usable under any ``jax.jit``): :func:`init_state`, 
 """
 
 from wuneng_jax.decode.engine import Decoder, Generation
-from wuneng_jax.decode.steps import FAMILIES, decode_step, extend, init_state, model_family, prefill
 from wuneng_jax.decode.sampling import SamplingConfig, filter_logits, sample
 from wuneng_jax.decode.state import DecodeState, bucket_length, left_pad, state_nbytes
+from wuneng_jax.decode.steps import FAMILIES, decode_step, extend, init_state, model_family, prefill
 
 __all__ = [
     "FAMILIES",

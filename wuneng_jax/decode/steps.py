@@ -67,7 +67,9 @@ def _forward(model, tokens, valid, state: DecodeState, *, last_only: bool):
         new_positions = state.positions + t
     kv, new_valid = None, None
     if state.valid is not None:
-        new_valid = jax.lax.dynamic_update_slice(state.valid, seg.astype(jnp.bool_), (jnp.int32(0), state.index))
+        new_valid = jax.lax.dynamic_update_slice(
+            state.valid, seg.astype(jnp.bool_), (jnp.int32(0), state.index)
+        )
         kv = KVContext(state.index, new_valid, prefill=valid is not None)
     stepwise = valid is None and t < STEPWISE_MAX_TOKENS
     out = model.run(

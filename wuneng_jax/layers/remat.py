@@ -1,4 +1,5 @@
-"""Per-layer rematerialisation: the named ``jax.checkpoint`` policies and a wrapper for layer calls.
+"""Per-layer rematerialisation: the named ``jax.checkpoint`` policies (applied to each layer call inside
+the scanned layer stack, :mod:`wuneng_jax.layers.stack`).
 
 ``remat`` config values (model configs and the training config's ``remat``):
 
@@ -12,12 +13,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
 
 import jax
-from flax import nnx
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "none": None,
@@ -31,14 +28,3 @@ def check_remat(owner: str, remat: str) -> None:
     """ValueError naming ``owner`` (e.g. ``Qwen2Config.remat``) unless ``remat`` is a known policy."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"{owner}={remat!r} is unknown; choose one of {list(REMAT_POLICIES)}")
-
-
-def remat_layer(fn: F, remat: str) -> F:
-    """``fn(layer_module, *args)`` rematerialised with the named policy (``fn`` itself for ``none``).
-
-    The layer's parameters are arguments of the checkpointed function, so the backward pass stores
-    only the layer's inputs (and what the policy saves) and recomputes the rest.
-    """
-    if remat == "none":
-        return fn
-    return nnx.remat(fn, policy=REMAT_POLICIES[remat], prevent_cse=True)

@@ -22,7 +22,7 @@ caches (decode state) to the stacked layout the scan carries and back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -106,6 +106,18 @@ def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
     return nnx.merge(graphdef, stacked)
 
 
+def _layer_variable(v: nnx.Variable, r: int) -> nnx.Variable:
+    """Layer ``r`` of a stacked variable, its logical names without the leading ``LAYERS``."""
+    meta = dict(v.get_metadata())
+    names = meta.get("out_sharding")
+    if names and names[0] == LAYERS:
+        meta["out_sharding"] = tuple(names[1:])
+    meta["eager_sharding"] = False
+    for k in ("hijax", "ref"):
+        meta.pop(k, None)
+    return type(v)(_take_value(v.get_value(), r), **meta)
+
+
 def _take(tree: Any, r: int | jax.Array) -> Any:
     return jax.tree.map(lambda x: x[r], tree)
 
@@ -125,7 +137,10 @@ class LayerStack(nnx.Module):
         self.remat = remat
         self.groups = plan_groups(kinds)
         self.blocks = nnx.List(
-            [nnx.List([stack_modules([layers[i] for i in g.ids(j)]) for j in range(g.period)]) for g in self.groups]
+            [
+                nnx.List([stack_modules([layers[i] for i in g.ids(j)]) for j in range(g.period)])
+                for g in self.groups
+            ]
         )
 
     def __len__(self) -> int:
@@ -146,7 +161,12 @@ class LayerStack(nnx.Module):
         variable of the view does not change the stack)."""
         g, j, r = self.locate(i)
         graphdef, state = nnx.split(self.blocks[g][j])
-        return nnx.merge(graphdef, _take(state, r))
+        is_var = lambda x: isinstance(x, nnx.Variable)
+        return nnx.merge(graphdef, jax.tree.map(lambda v: _layer_variable(v, r), state, is_leaf=is_var))
+
+    def views(self) -> Iterator[nnx.Module]:
+        """Every layer as :meth:`view` (read-only copies), in order."""
+        return (self.view(i) for i in range(self.num_layers))
 
     # -- caches -------------------------------------------------------------------------------------
 
@@ -155,7 +175,10 @@ class LayerStack(nnx.Module):
         if len(per_layer) != self.num_layers:
             raise ValueError(f"{len(per_layer)} layer caches for {self.num_layers} layers")
         return tuple(
-            tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *(per_layer[i] for i in g.ids(j))) for j in range(g.period))
+            tuple(
+                jax.tree.map(lambda *xs: jnp.stack(xs), *(per_layer[i] for i in g.ids(j)))
+                for j in range(g.period)
+            )
             for g in self.groups
         )
 
@@ -261,7 +284,9 @@ def _take_value(x: Any, r: int) -> Any:
     return x[r]
 
 
-def unstack_flat(flat: Mapping[Path, Any], groups: Sequence[Group], prefix: str = "layers") -> dict[Path, Any]:
+def unstack_flat(
+    flat: Mapping[Path, Any], groups: Sequence[Group], prefix: str = "layers"
+) -> dict[Path, Any]:
     """``{path: array}`` with stacked paths ``(prefix, "blocks", g, j, *rest)`` -> per-layer paths
     ``(prefix, i, *rest)`` (every other path unchanged). Works on numpy/jax arrays and shape structs."""
     out: dict[Path, Any] = {}
@@ -325,6 +350,16 @@ def stack_model_flat(model: nnx.Module, flat: Mapping[Path, Any]) -> dict[Path, 
     return out
 
 
+def layer_paths(model: nnx.Module, path: Path) -> list[Path]:
+    """The per-layer paths a parameter path of ``model`` stands for (a stacked path: one per layer)."""
+    path = tuple(path)
+    stacks = _stack_prefixes(model)
+    if len(path) > 3 and path[0] in stacks and path[1] == "blocks":
+        g, j = int(path[2]), int(path[3])
+        return [(path[0], i, *path[4:]) for i in stacks[path[0]].groups[g].ids(j)]
+    return [path]
+
+
 def per_layer_params(model: nnx.Module) -> dict[Path, Any]:
     """Every parameter value of ``model`` by per-layer path (``("layers", i, "self_attn", ...)``); shape
     structs for an abstract model (``nnx.eval_shape``)."""
@@ -335,8 +370,8 @@ def per_layer_params(model: nnx.Module) -> dict[Path, Any]:
 def set_per_layer_params(
     model: nnx.Module, values: Mapping[Path, Any], dtype: Any = None, *, where: str = "values"
 ) -> None:
-    """Set parameters of ``model`` from per-layer paths, cast to ``dtype`` and placed with each
-    parameter's sharding. A subset is fine: the other layers of a stacked group keep their values (an
+    """Set parameters of ``model`` from per-layer paths, cast to ``dtype`` (default: each parameter's own)
+    and placed with each parameter's sharding. A subset is fine: the other layers of a stacked group keep their values (an
     abstract model needs every layer of a group). Shapes are checked; ``where`` names the source in errors."""
     from wuneng_jax.layers.params import place
 
@@ -370,12 +405,13 @@ def set_per_layer_params(
             value = parts[0]
         else:
             value = _stack_values([np.asarray(x) if not isinstance(x, jax.Array) else x for x in parts])
-        var.set_value(place(value, var, dtype))
+        var.set_value(place(value, var, var.get_value().dtype if dtype is None else dtype))
 
 
 __all__ = [
     "Group",
     "LayerStack",
+    "layer_paths",
     "per_layer_params",
     "plan_groups",
     "set_per_layer_params",

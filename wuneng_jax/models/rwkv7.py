@@ -33,9 +33,9 @@ from flax import nnx
 from pallas_kernels import wkv7
 from pallas_kernels.wkv7 import IMPLS as WKV_IMPLS
 from wuneng_jax.layers import rwkv7_ops as ops
+from wuneng_jax.layers.context import LayerContext, RunOut
 from wuneng_jax.layers.norms import GroupNorm, LayerNorm, group_norm
 from wuneng_jax.layers.params import sharded_param
-from wuneng_jax.layers.context import LayerContext, RunOut
 from wuneng_jax.layers.remat import check_remat
 from wuneng_jax.layers.stack import LayerStack
 from wuneng_jax.models.registry import register_family, register_preset

@@ -45,11 +45,11 @@ from flax import nnx
 
 from pallas_kernels import wkv7
 from wuneng_jax.layers import rwkv7_ops as ops
+from wuneng_jax.layers.context import KVLayer, LayerContext
 from wuneng_jax.layers.linear import linear
 from wuneng_jax.layers.norms import group_norm, rms_norm
 from wuneng_jax.layers.packing import document_starts
 from wuneng_jax.layers.params import sharded_param
-from wuneng_jax.layers.context import KVLayer, LayerContext
 from wuneng_jax.models.qwen2 import LayerOut, Qwen2Attention, Qwen2DecoderLayer
 from wuneng_jax.models.wuneng_config import WuNengConfig
 from wuneng_jax.models.wuneng_params import hybrid_param_names, init_hybrid_params
