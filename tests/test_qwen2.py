@@ -14,8 +14,8 @@ from jax.sharding import AxisType
 
 from wuneng_jax.convert.hf_qwen2 import load_qwen2, qwen2_state_dict
 from wuneng_jax.layers.context import LayerContext
-from wuneng_jax.layers.stack import per_layer_params, set_per_layer_params
 from wuneng_jax.layers.packing import document_starts, positions_from_segments
+from wuneng_jax.layers.stack import per_layer_params, set_per_layer_params
 from wuneng_jax.models import build_model
 from wuneng_jax.models.qwen2 import Qwen2Config
 from wuneng_jax.sharding import DEFAULT_RULES
