@@ -3,12 +3,15 @@
     python benchmarks/train_step.py --size tiny          # CPU-sized (default on CPU)
     python benchmarks/train_step.py --size 150m          # GPU: ~150M parameters
     python benchmarks/train_step.py --size 1b --dtype bfloat16
+    python benchmarks/train_step.py --layers 2 8       # compile time vs depth (scanned layers)
 
 All models run the real jitted train step (``train.train_step``: AdamW, clipping, float32 master
 weights) on one mesh over all local devices (data-parallel), on random tokens, in the same run.
 FLOPs per token follow ``train.metrics.flops_per_token`` (``docs/mfu.md``): 6·N_matmul + causal
 attention + the RWKV-7 state term. Prints a table with ratios to ``qwen2`` (WuNeng's step-time
-overhead) and writes ``benchmarks/results/train_step_<platform>.json``.
+overhead) and the step's compile time (``jit(...).lower(...).compile()``; with several ``--layers``
+depths, each depth's compile time relative to the shallowest: the layer stack is scanned, so it should
+barely grow), and writes ``benchmarks/results/train_step_<size>_<platform>.json``.
 Goal (H100): MFU >= 40 % for the ~1B qwen2, WuNeng within 15 % of its step time.
 """
 
@@ -75,6 +78,8 @@ def model_configs(size: str, dtype: str) -> dict[str, dict]:
 
 
 def bench_family(cfg_dict: dict, seq: int, batch: int, reps: int) -> dict:
+    import time
+
     cfg = config_from_dict(cfg_dict)
     mesh = make_mesh(MeshConfig(data=-1))
     rules = S.DEFAULT_RULES
@@ -93,6 +98,10 @@ def bench_family(cfg_dict: dict, seq: int, batch: int, reps: int) -> dict:
         "loss_mask": jnp.ones((batch, seq), jnp.float32),
     }
     holder = {"state": state}
+    t0 = time.perf_counter()
+    with mesh_context(mesh, rules):
+        step = step.lower(state, batch_arrays).compile()
+    compile_s = time.perf_counter() - t0
 
     def run():
         with mesh_context(mesh, rules):
@@ -112,6 +121,7 @@ def bench_family(cfg_dict: dict, seq: int, batch: int, reps: int) -> dict:
         "tflops_per_device": tflops,
         "mfu": (tflops * 1e12 / peak) if peak else None,
         "flops_per_token": flops,
+        "compile_s": compile_s,
     }
 
 
@@ -125,33 +135,63 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--families", nargs="+", default=["qwen2", "wuneng", "rwkv7"])
+    p.add_argument("--layers", nargs="+", type=int, default=None, help="depths to run (default: the size's)")
     args = p.parse_args(argv)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     seq = args.seq_len or SIZES[args.size]["seq"]
     batch = args.batch or SIZES[args.size]["batch"]
     batch = max(batch // jax.device_count(), 1) * jax.device_count()
-    configs = model_configs(args.size, dtype)
+    depths = args.layers or [SIZES[args.size]["layers"]]
     results = {}
-    for fam in args.families:
-        results[fam] = bench_family(configs[fam], seq, batch, args.reps)
-        r = results[fam]
-        print(
-            f"{fam}: {r['params']:,} params, {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:.0f} tok/s",
-            flush=True,
-        )
-    base = results.get("qwen2")
+    for depth in depths:
+        configs = model_configs(args.size, dtype)
+        for fam in args.families:
+            key = fam if len(depths) == 1 else f"{fam}@{depth}"
+            cfg = {**configs[fam], ("n_layer" if fam == "rwkv7" else "num_layers"): depth}
+            results[key] = r = {"family": fam, "layers": depth, **bench_family(cfg, seq, batch, args.reps)}
+            print(
+                f"{key}: {r['params']:,} params, compile {r['compile_s']:.1f} s, {r['step_ms']:.1f} ms/step, "
+                f"{r['tokens_per_s']:.0f} tok/s",
+                flush=True,
+            )
     rows = []
-    for fam, r in results.items():
+    for key, r in results.items():
+        base = results.get(key.replace(r["family"], "qwen2", 1))
         rel = r["step_ms"] / base["step_ms"] if base else float("nan")
+        shallow = results.get(f"{r['family']}@{min(depths)}", r)
+        r["step_time_vs_qwen2"] = rel
+        r["compile_vs_shallowest"] = r["compile_s"] / shallow["compile_s"]
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a (no peak for this device)"
         rows.append(
-            [fam, f"{r['params']:,}", r["step_ms"], r["tokens_per_s"], r["tflops_per_device"], mfu, rel]
+            [
+                key,
+                f"{r['params']:,}",
+                r["compile_s"],
+                r["compile_vs_shallowest"],
+                r["step_ms"],
+                r["tokens_per_s"],
+                r["tflops_per_device"],
+                mfu,
+                rel,
+            ]
         )
-        r["step_time_vs_qwen2"] = rel
     print(f"\ntrain step, size={args.size}, B={batch}, T={seq}, dtype={dtype}, median of {args.reps}")
-    print_table(["family", "params", "step_ms", "tokens/s", "TFLOP/s/dev", "MFU", "step time / qwen2"], rows)
+    print_table(
+        [
+            "model",
+            "params",
+            "compile_s",
+            "compile / shallowest",
+            "step_ms",
+            "tokens/s",
+            "TFLOP/s/dev",
+            "MFU",
+            "step time / qwen2",
+        ],
+        rows,
+    )
     path = write_results(
-        f"train_step_{args.size}",
+        f"train_step_{args.size}" + ("_layers" + "-".join(map(str, depths)) if args.layers else ""),
         {"config": {**vars(args), "dtype": dtype, "batch": batch, "seq_len": seq}, "results": results},
     )
     print(f"\nwrote {path}")

@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -55,6 +54,7 @@ from typing import Any
 
 import yaml
 
+from wuneng_jax.coerce import CoercionError, coerce
 from wuneng_jax.files import read_yaml
 from wuneng_jax.layers.remat import REMAT_POLICIES as REMAT_POLICY_TABLE
 from wuneng_jax.sharding import DEFAULT_RULES
@@ -764,59 +764,18 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, dotted: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, dotted)
+    """One YAML value against its annotation (``wuneng_jax.config.coerce``, with nested sections built by
+    :func:`_build` and integral floats allowed for integers); ConfigError naming the field."""
     if tp is Any:
         return _deep_copy(value) if isinstance(value, Mapping) else value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            _fail(dotted, "must not be null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, dotted)
-            except ConfigError as e:
-                errors.append(str(e))
-        _fail(dotted, f"{value!r} matches none of {tp}")
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if isinstance(value, str) and len(args) == 2 and args[0] is str and args[1] is Ellipsis:
-            return (value,)  # `data.prepare=stdlib` means [stdlib]
-        if isinstance(value, str) or not isinstance(value, Sequence):
-            _fail(dotted, f"expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{dotted}[{i}]") for i, v in enumerate(value))
-        return tuple(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        _fail(dotted, f"expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        _fail(dotted, f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        _fail(dotted, f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        _fail(dotted, f"expected a string, got {value!r}")
-    return value
+
+    def section(cls: type, raw: Any, field: str) -> Any:
+        return _build(cls, raw if raw is not None else {}, field)
+
+    try:
+        return coerce(tp, value, dotted, integral_floats=True, nested=section)
+    except CoercionError as e:
+        _fail(e.field, e.problem)
 
 
 def _join(prefix: str, name: str) -> str:

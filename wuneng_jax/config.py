@@ -16,8 +16,6 @@ from a preset (``preset: qwen2.5-0.5b`` then overrides)::
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,12 +23,15 @@ from typing import Any
 
 import yaml
 
+from wuneng_jax.coerce import CoercionError, coerce
 from wuneng_jax.files import read_yaml
 from wuneng_jax.models import count_params
 from wuneng_jax.models.registry import FAMILY_MODULES, family_of, get_family, list_presets, preset
 
 __all__ = [
     "FAMILY_MODULES",
+    "CoercionError",
+    "coerce",
     "config_from_dict",
     "config_to_dict",
     "count_params",
@@ -44,66 +45,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------
 # dict / YAML <-> config
-
-
-def _coerce(cls_name: str, key: str, value: Any, tp: Any) -> Any:
-    """Check/convert one YAML value against a field annotation; ValueError naming the field."""
-
-    def bad(expected: str) -> ValueError:
-        return ValueError(f"{cls_name}.{key}: expected {expected}, got {value!r} ({type(value).__name__})")
-
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad(" or ".join(getattr(a, "__name__", str(a)) for a in args))
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(cls_name, key, value, a)
-            except ValueError as e:
-                errors.append(e)
-        raise errors[0]
-    if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise bad(f"one of {list(typing.get_args(tp))}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, list | tuple):
-            raise bad("a list")
-        args = typing.get_args(tp)
-        elem = args[0] if args else Any
-        return tuple(_coerce(cls_name, key, v, elem) for v in value) if origin is tuple else list(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad("true/false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad("a number")
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e6" (no dot) as a string
-            try:
-                out = float(value)
-            except ValueError:
-                raise bad("a number") from None
-            if math.isfinite(out):
-                return out
-        raise bad("a number")
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    return value
 
 
 def config_from_dict(d: Mapping[str, Any]) -> Any:
@@ -130,7 +71,7 @@ def config_from_dict(d: Mapping[str, Any]) -> Any:
     hints = typing.get_type_hints(fam.config_cls)
     kwargs = dict(base)
     for key, value in d.items():
-        kwargs[key] = _coerce(fam.config_cls.__name__, key, value, hints[key])
+        kwargs[key] = coerce(hints[key], value, f"{fam.config_cls.__name__}.{key}")
     missing = sorted(
         n
         for n, f in fields.items()
