@@ -185,3 +185,77 @@ def test_config_errors(tmp_path):
     spec = load_experiment(raw, ["variants.qwen2.tune=null"])
     with pytest.raises(ExperimentError, match=r"variants.qwen2.*from the reference"):
         params_lib.match_all(spec, {"mqar": 24}, params_lib.CachedCounter())
+
+
+def test_combined_task_and_upcycling_experiment_end_to_end(tmp_path):
+    """CI size: the combined recall_state task for one variant only (per-task variant list) and the
+    upcycling-value chain (qwen2 teacher -> align -> distill -> equal extra steps for both -> held-out CE)."""
+    raw = _ci_raw(tmp_path / "exp")
+    raw["variants"]["wuneng_full"]["init"] = "scratch"
+    raw["tasks"] = {
+        "both": {
+            "kind": "recall_state",
+            "seq_lens": [16],
+            "num_pairs": 2,
+            "num_keys": 8,
+            "num_values": 8,
+            "variants": ["qwen2"],
+        }
+    }
+    raw["upcycle"] = {
+        "data": {
+            "store": str(tmp_path / "store"),
+            "prepare": ["stdlib"],
+            "stdlib_max_files": 6,
+            "stdlib_max_bytes": 40_000,
+            "eval_fraction": 0.25,
+        },
+        "eval_batches": 1,
+        "seq_len": 16,
+        "global_batch_size": 8,
+        "teacher": {"model": dict(raw["shared"]["attention"]), "steps": 2, "lr": 1.0e-2},
+        "student": {
+            "fusion": "full",
+            "decay_lora_rank": 8,
+            "iclr_lora_rank": 8,
+            "gate_lora_rank": 8,
+            "middle_out_rank": 8,
+            "wkv_impl": "reference",
+        },
+        "align": {"steps": 1, "lr": 1.0e-2},
+        "distill": {"steps": 1, "lr": 1.0e-2},
+        "continue": {"steps": 1, "lr": 1.0e-2},
+    }
+    spec = load_experiment(raw)
+    lines: list[str] = []
+    summary = run_experiment(spec, echo=lines.append)
+    assert summary["ran"] == 2 and summary["remaining"] == 0  # one upcycle seed + one grid run
+    out = Path(spec.out_dir)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["task"], r["variant"]) for r in runs] == [("both", "qwen2")]
+    r = runs[0]
+    assert 0 <= r["recall_accuracy"] <= 1 and 0 <= r["state_accuracy"] <= 1
+    assert r["balanced_accuracy"] == pytest.approx((r["recall_accuracy"] + r["state_accuracy"]) / 2)
+    up = json.loads((out / "upcycle.json").read_text())
+    (res,) = up["results"]
+    assert set(res["losses"]) == {"teacher", "upcycled", "wuneng_more", "teacher_more", "teacher_more_all"}
+    assert all(np.isfinite(v) and 0 < v < 10 for v in res["losses"].values())
+    assert res["tokens"] == {"teacher": 2 * 8 * 16, "upcycling": 2 * 8 * 16, "continue": 8 * 16}
+    seed_dir = out / "upcycle" / "seed0"
+    for name, step in (
+        ("teacher", 2),
+        ("upcycle/align", 1),
+        ("upcycle/distill", 1),
+        ("wuneng_more", 1),
+        ("teacher_more", 1),
+        ("teacher_more_all", 2),
+    ):
+        assert (seed_dir / name / "checkpoints" / str(step)).is_dir(), name
+    text = (out / "summary.md").read_text()
+    assert "## Upcycling value" in text and "balanced accuracy" in text and "| qwen2 |" in text
+    assert "| wuneng_full |" not in text.split("## Task `both`")[1].split("## Upcycling")[0]
+    for name in ("accuracy_bars.png", "upcycle_losses.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # resume: nothing left to do
+    again = run_experiment(spec, echo=lines.append)
+    assert again["ran"] == 0 and again["skipped"] == 2

@@ -221,3 +221,94 @@ def test_accuracy_sums_exact():
     )
     assert {k: halves[k] for k in halves if k != "ce_sum"} == {k: got[k] for k in got if k != "ce_sum"}
     assert np.isnan(finalize({k: 0 for k in got})["accuracy"])
+
+
+# --------------------------------------------------------------------------------------------
+# The combined task: recall interleaved with state updates
+
+
+def _check_recall_state_row(task: syn.RecallState, row):
+    """Re-derive every label of a recall_state row from its tokens alone (independent parse)."""
+    g = syn.PermutationGroup(task.group)
+    tok, tgt, mask = row["tokens"].tolist(), row["targets"].tolist(), row["loss_mask"].tolist()
+    T, d = task.seq_len, task.num_pairs
+    first_value, first_el = 1 + task.num_keys, 1 + task.num_keys + task.num_values
+    keys, values = tok[0 : 2 * d : 2], tok[1 : 2 * d : 2]
+    assert all(1 <= k < first_value for k in keys) and len(set(keys)) == d
+    assert all(first_value <= v < first_el for v in values)
+    kv = dict(zip(keys, values, strict=True))
+    perm = list(range(g.degree))  # running product as an explicit permutation
+    n_moves = n_queries = 0
+    t = 2 * d
+    while t < T:
+        x = tok[t]
+        if x >= first_el:  # a state update: apply the element, the target is the product so far
+            elem = g.elements[x - first_el]
+            perm = [elem[p] for p in perm]
+            assert mask[t] == 1.0 and tgt[t] == first_el + g.elements.index(tuple(perm))
+            n_moves, t = n_moves + 1, t + 1
+        else:  # a query slot: key (scored, target its value) then the value (not scored)
+            assert x in kv and mask[t] == 1.0 and tgt[t] == kv[x]
+            assert t + 1 < T and tok[t + 1] == kv[x] and mask[t + 1] == 0.0
+            n_queries, t = n_queries + 1, t + 2
+    assert n_moves == task.num_moves and n_queries == task.num_queries
+    queried = [tok[t] for t in range(2 * d, T) if mask[t] == 1.0 and tok[t] < first_el]
+    assert len(set(queried)) == len(queried)  # distinct keys
+    assert all(m == 0.0 for m in mask[: 2 * d])  # the pairs are not scored
+    # unscored positions predict the next token
+    for t in range(T - 1):
+        if mask[t] == 0.0:
+            assert tgt[t] == tok[t + 1]
+    assert max(tok) < task.vocab_size and max(tgt) < task.vocab_size
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "pairs", "queries", "group"),
+    [(64, 8, None, "S3"), (40, 4, 2, "A5"), (17, 2, 2, "S4"), (9, 1, 1, "S3")],
+)
+def test_recall_state_brute_force(seq_len, pairs, queries, group):
+    task = syn.RecallState(
+        seq_len=seq_len, num_pairs=pairs, num_queries=queries, group=group, num_keys=16, num_values=12
+    )
+    src = syn.TaskSource(task, seed=11)
+    positions = set()
+    for i in range(25):
+        row = src[i]
+        _check_recall_state_row(task, row)
+        positions.add(tuple(np.flatnonzero(row["tokens"] < task.first_element)))
+    assert len(positions) > 1  # query slots land at different places
+    assert task.state_from == task.first_element == 29
+    assert task.vocab_size == 29 + syn.PermutationGroup(group).order
+
+
+def test_recall_state_validation_and_make_task():
+    with pytest.raises(ValueError, match="no room"):
+        syn.RecallState(seq_len=16, num_pairs=4)  # 8 + 8 tokens leave no group element
+    with pytest.raises(ValueError, match="num_keys"):
+        syn.RecallState(seq_len=64, num_pairs=10, num_keys=8)
+    t = syn.make_task("recall_state", 32, num_pairs=4, group="S3")
+    assert isinstance(t, syn.RecallState) and t.num_queries == 4 and t.num_moves == 16
+
+
+def test_accuracy_state_split_brute_force():
+    """state_from splits the counts by target id: state_* over targets >= state_from, recall the rest."""
+    rng = np.random.default_rng(1)
+    B, T, V, cut = 5, 11, 9, 6
+    logits = rng.normal(size=(B, T, V)).astype(np.float32)
+    targets = rng.integers(0, V, size=(B, T))
+    targets[0] = logits[0].argmax(-1)  # plant hits
+    mask = (rng.random((B, T)) < 0.7).astype(np.float32)
+    got = total([accuracy_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), cut)])
+    pred = logits.argmax(-1)
+    scored = mask > 0
+    state = scored & (targets >= cut)
+    assert got["state_scored"] == state.sum() and got["state_correct"] == (state & (pred == targets)).sum()
+    assert got["correct"] == (scored & (pred == targets)).sum()
+    m = finalize(got)
+    recall = scored & (targets < cut)
+    assert m["state_accuracy"] == (pred == targets)[state].mean()
+    assert m["recall_accuracy"] == (pred == targets)[recall].mean()
+    assert m["balanced_accuracy"] == pytest.approx((m["state_accuracy"] + m["recall_accuracy"]) / 2)
+    # without a split, no state metrics
+    plain = finalize(total([accuracy_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))]))
+    assert "state_accuracy" not in plain and plain["accuracy"] == m["accuracy"]
