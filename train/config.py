@@ -27,6 +27,7 @@ Schema (defaults in brackets)::
     dtype: float32 | bfloat16 [bfloat16]  # compute dtype; params and optimizer state stay float32
     remat: none | full | dots_saveable | dots_with_no_batch_dims_saveable [none]  # per layer
     z_loss: float [0.0]               # coefficient of mean(logsumexp(logits)^2)
+    loss_vocab_tile: int [8192]       # vocabulary ids per tile of the loss (no [tokens, V] float32 logits); 0 = full logits
     seed: int [0]
     max_skipped_steps: int [10]       # consecutive non-finite (skipped) steps before the run stops; 0 = never
     mesh: {data [-1], fsdp [1], tensor [1], sequence [1], dcn_granule [auto], dcn_axis [data]}
@@ -57,6 +58,7 @@ import yaml
 from wuneng_jax.coerce import CoercionError, coerce
 from wuneng_jax.files import read_yaml
 from wuneng_jax.layers.remat import REMAT_POLICIES as REMAT_POLICY_TABLE
+from wuneng_jax.layers.vocab_tiling import DEFAULT_VOCAB_TILE
 from wuneng_jax.sharding import DEFAULT_RULES
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor", "sequence")
@@ -502,6 +504,7 @@ class TrainConfig:
     dtype: str = "bfloat16"
     remat: str = "none"
     z_loss: float = 0.0
+    loss_vocab_tile: int = DEFAULT_VOCAB_TILE
     seed: int = 0
     max_skipped_steps: int = 10
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -533,6 +536,8 @@ class TrainConfig:
             _fail("remat", f"{self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         if self.z_loss < 0:
             _fail("z_loss", f"must be >= 0, got {self.z_loss}")
+        if self.loss_vocab_tile < 0:
+            _fail("loss_vocab_tile", f"must be >= 0 (0 = full logits), got {self.loss_vocab_tile}")
         if self.max_skipped_steps < 0:
             _fail("max_skipped_steps", f"must be >= 0 (0 = never stop), got {self.max_skipped_steps}")
         _validate_rules(self.rules)

@@ -85,11 +85,14 @@ def perplexity(
     mesh: Any = None,
     rules: Any = None,
     progress: bool = True,
+    vocab_tile: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a token store split (a ``TokenStore`` or a path).
 
     ``batch_size`` is the global batch (rows of ``seq_len`` tokens), split over the mesh's batch axes
     (default mesh: data parallel over every device). ``max_batches`` caps the number of batches.
+    ``vocab_tile``: ids per vocabulary tile of the loss (``wuneng_jax.layers.vocab_tiling``; 0 = full
+    logits; default ``DEFAULT_VOCAB_TILE``).
     """
     import jax
     import jax.numpy as jnp
@@ -99,11 +102,13 @@ def perplexity(
     from train.config import MeshConfig
     from train.data import pipeline
     from train.mesh import make_mesh, mesh_context
-    from train.train_step import BATCH_KEYS, batch_spec, check_batch_shape, cross_entropy
+    from train.train_step import BATCH_KEYS, batch_spec, check_batch_shape, model_ce_sums
+    from wuneng_jax.layers.vocab_tiling import DEFAULT_VOCAB_TILE
     from wuneng_jax.sharding import DEFAULT_RULES
 
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
+    tile = DEFAULT_VOCAB_TILE if vocab_tile is None else vocab_tile
     mesh = make_mesh(MeshConfig()) if mesh is None else mesh
     rules = DEFAULT_RULES if rules is None else rules
     check_batch_shape(batch_size, seq_len, 1, mesh, rules)
@@ -127,8 +132,7 @@ def perplexity(
 
     def step(state, batch):
         m = nnx.merge(graphdef, state)
-        logits = m(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
-        ce, _ = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        ce, _ = model_ce_sums(m, batch, tile)
         return ce, jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
     with mesh_context(mesh, rules):

@@ -9,7 +9,10 @@ Batch (global arrays, sharded ``(activation_batch, activation_length)`` by the r
     loss_mask   float32 [B, T]   1 where the target counts, 0 elsewhere
 
 Loss: token-mean cross-entropy over ``loss_mask`` of the whole global batch, plus
-``z_loss * mean(logsumexp(logits)^2)`` (PaLM's z-loss) when ``z_loss > 0``. With gradient
+``z_loss * mean(logsumexp(logits)^2)`` (PaLM's z-loss) when ``z_loss > 0``. With ``vocab_tile > 0`` (the
+config's ``loss_vocab_tile``) the loss is computed from the model's final hidden state and head weight
+over vocabulary tiles (``wuneng_jax.layers.vocab_tiling``): same values and gradients, no ``[B,T,V]``
+float32 logits in the step; ``0`` computes the full logits. With gradient
 accumulation the batch is split into ``A`` micro-batches (row ``i`` goes to micro-batch ``i % A``,
 so each keeps the batch sharding) and a ``lax.scan`` sums their gradients; the result equals the
 single-batch gradient up to float summation order.
@@ -40,6 +43,7 @@ from train.mesh import check_divisible, logical_to_spec
 from train.optimizer import Schedule, update_count
 from train.state import ParamSplit, StateLayout, TrainState
 from wuneng_jax import sharding as S
+from wuneng_jax.layers import vocab_tiling
 
 BATCH_KEYS: tuple[str, ...] = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 Batch = dict[str, jax.Array]
@@ -63,19 +67,35 @@ def check_batch_shape(global_batch: int, seq_len: int, accum: int, mesh: Mesh, r
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed CE and summed ``logsumexp^2`` over ``mask``. logits f32 [B,T,V]; targets, mask [B,T]."""
-    logits = logits.astype(jnp.float32)
+    """Summed CE and summed ``logsumexp^2`` over ``mask``. logits [B,T,V] (computed in float32 at least);
+    targets, mask [B,T]."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    mask = mask.astype(jnp.float32)
+    mask = mask.astype(lse.dtype)
     return jnp.sum((lse - target_logit) * mask), jnp.sum(jnp.square(lse) * mask)
 
 
-def _forward_sums(graphdef: Any, params: Any, rest: Any, batch: Batch) -> tuple[jax.Array, jax.Array, Any]:
+def model_ce_sums(model: nnx.Module, batch: Batch, vocab_tile: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Summed CE and summed ``logsumexp^2`` of ``model`` on ``batch`` over ``loss_mask``: over vocabulary
+    tiles of ``vocab_tile`` ids when the model exposes ``hidden``/``head_weight`` and the tile splits its
+    vocabulary (``wuneng_jax.layers.vocab_tiling``), else from the full logits."""
+    inputs = (batch["tokens"],)
+    kw = {"segment_ids": batch["segment_ids"], "positions": batch["positions"]}
+    if not vocab_tiling.tiles_for(model, vocab_tile):
+        return cross_entropy(model(*inputs, **kw), batch["targets"], batch["loss_mask"])
+    x, weight, transposed = vocab_tiling.model_head(model, *inputs, **kw)
+    stats = vocab_tiling.ce_stats(x, weight, batch["targets"], transposed=transposed, tile=vocab_tile)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum((stats.lse - stats.target) * mask), jnp.sum(jnp.square(stats.lse) * mask)
+
+
+def _forward_sums(
+    graphdef: Any, params: Any, rest: Any, batch: Batch, vocab_tile: int = 0
+) -> tuple[jax.Array, jax.Array, Any]:
     model = nnx.merge(graphdef, params, rest)
-    logits = model(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    ce_sum, z_sum = model_ce_sums(model, batch, vocab_tile)
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
-    ce_sum, z_sum = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     return ce_sum, z_sum, new_rest
 
 
@@ -114,16 +134,18 @@ class Objective(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class CrossEntropyObjective:
-    """Next-token CE over ``loss_mask`` plus ``z_loss * logsumexp^2`` (the default objective)."""
+    """Next-token CE over ``loss_mask`` plus ``z_loss * logsumexp^2`` (the default objective);
+    ``vocab_tile``: ids per vocabulary tile of the loss (0 = full logits)."""
 
     graphdef: Any
     z_loss: float = 0.0
+    vocab_tile: int = 0
 
     def count(self, batch: Batch) -> jax.Array:
         return jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
     def __call__(self, params: Any, rest: Any, batch: Batch, extra: Any = None):
-        ce_sum, z_sum, new_rest = _forward_sums(self.graphdef, params, rest, batch)
+        ce_sum, z_sum, new_rest = _forward_sums(self.graphdef, params, rest, batch, self.vocab_tile)
         return ce_sum + self.z_loss * z_sum, {"loss": ce_sum, "z_loss": z_sum}, new_rest
 
 
@@ -137,17 +159,19 @@ def make_train_step(
     rules: Rules = S.DEFAULT_RULES,
     objective: Objective | None = None,
     trainable: ParamSplit | None = None,
+    vocab_tile: int = 0,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """The pure train step ``step(state, batch, extra=None)`` (un-jitted; see :func:`jit_train_step`).
 
     Rematerialisation is per layer, a field of the model config (``wuneng_jax.layers.remat``).
 
-    ``objective`` replaces the default CE objective (``z_loss`` configures the default only). ``trainable`` splits the parameters: gradients, optimizer state, clipping
+    ``objective`` replaces the default CE objective (``z_loss`` and ``vocab_tile`` configure the default
+    only). ``trainable`` splits the parameters: gradients, optimizer state, clipping
     and weight decay cover the trainable part only; the frozen part is passed through unchanged
     (bit for bit). ``extra`` (frozen inputs such as teacher parameters) goes to the objective.
     """
     if objective is None:
-        objective = CrossEntropyObjective(graphdef, z_loss)
+        objective = CrossEntropyObjective(graphdef, z_loss, vocab_tile)
     if trainable is None:
         split, merge = (lambda p: (p, None)), (lambda t, f: t)
     else:
@@ -240,12 +264,12 @@ def jit_train_step(
     )
 
 
-def make_eval_step(graphdef: Any) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+def make_eval_step(graphdef: Any, vocab_tile: int = 0) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Summed CE and token count of one batch (sum over batches, divide at the end)."""
 
     def step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         batch = {k: batch[k] for k in BATCH_KEYS}
-        ce_sum, _, _ = _forward_sums(graphdef, state.params, state.rest, batch)
+        ce_sum, _, _ = _forward_sums(graphdef, state.params, state.rest, batch, vocab_tile)
         return {"ce_sum": ce_sum, "loss_tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
 
     return step

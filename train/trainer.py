@@ -278,6 +278,7 @@ class Trainer:
             self.schedule,
             accum_steps=cfg.grad_accum_steps,
             z_loss=cfg.z_loss,
+            vocab_tile=cfg.loss_vocab_tile,
             rules=self.rules,
             objective=None
             if self.plan.make_objective is None
@@ -294,7 +295,7 @@ class Trainer:
         )
         self._step_extra: tuple[Any, ...] = ()
         self.eval_step = jit_eval_step(
-            make_eval_step(self.layout.graphdef), self.layout, self.mesh, self.rules
+            make_eval_step(self.layout.graphdef, cfg.loss_vocab_tile), self.layout, self.mesh, self.rules
         )
 
         # FLOPs / MFU

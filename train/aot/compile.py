@@ -268,6 +268,7 @@ def build_train(cfg: TrainConfig, topo: Topology, devices: Sequence[Any] | None 
         schedule,
         accum_steps=cfg.grad_accum_steps,
         z_loss=cfg.z_loss,
+        vocab_tile=cfg.loss_vocab_tile,
         rules=cfg.rules,
     )
     jitted = jit_train_step(step, layout, mesh, cfg.rules)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from train.train_step import Batch, cross_entropy
+from wuneng_jax.layers import vocab_tiling
 from wuneng_jax.layers.context import LayerContext
 from wuneng_jax.layers.stack import stack_flat, unstack_model_flat
 
@@ -66,8 +67,9 @@ def kl_per_token(teacher_logits: jax.Array, student_logits: jax.Array, temperatu
     """``τ² · Σ_v p_T (log p_T − log p_S)`` with ``p = softmax(logits / τ)``; float32 ``[...]``.
 
     Both ``[..., V]`` (same V; see :func:`match_vocab`). Ids where ``p_T = 0`` contribute exactly 0."""
-    t = teacher_logits.astype(jnp.float32) / temperature
-    s = student_logits.astype(jnp.float32) / temperature
+    dtype = jnp.promote_types(student_logits.dtype, jnp.float32)  # float64 in x64 runs
+    t = teacher_logits.astype(dtype) / temperature
+    s = student_logits.astype(dtype) / temperature
     logp_t = jax.nn.log_softmax(t, axis=-1)
     logp_s = jax.nn.log_softmax(s, axis=-1)
     p_t = jnp.exp(logp_t)
@@ -135,7 +137,8 @@ class AlignObjective:
 @dataclasses.dataclass(frozen=True)
 class DistillObjective:
     """Logit distillation from a frozen teacher in the same step (module docstring); ``extra`` holds
-    the teacher's parameters."""
+    the teacher's parameters. ``vocab_tile``: student and teacher logits over vocabulary tiles
+    (``wuneng_jax.layers.vocab_tiling.distill_stats``; 0 = full logits)."""
 
     graphdef: Any
     teacher_graphdef: Any
@@ -143,6 +146,7 @@ class DistillObjective:
     kl_weight: float = 1.0
     ce_weight: float = 0.0
     temperature: float = 1.0
+    vocab_tile: int = 0
 
     def count(self, batch: Batch) -> jax.Array:
         return jnp.sum(batch["loss_mask"].astype(jnp.float32))
@@ -150,9 +154,26 @@ class DistillObjective:
     def __call__(self, params: Any, rest: Any, batch: Batch, extra: Any):
         tokens, seg, pos = _model_inputs(batch)
         teacher = nnx.merge(self.teacher_graphdef, jax.lax.stop_gradient(extra))
-        t_logits = jax.lax.stop_gradient(match_vocab(teacher(tokens, seg, pos), self.vocab_size))
-
         model = nnx.merge(self.graphdef, params, rest)
+        if vocab_tiling.tiles_for(model, self.vocab_tile) and vocab_tiling.has_head(teacher):
+            x, w, tr = vocab_tiling.model_head(model, tokens, seg, pos)
+            xt, wt, ttr = vocab_tiling.model_head(teacher, tokens, seg, pos)
+            st = vocab_tiling.distill_stats(
+                x,
+                w,
+                xt,
+                wt,
+                batch["targets"],
+                transposed=tr,
+                teacher_transposed=ttr,
+                temperature=self.temperature,
+                tile=self.vocab_tile,
+            )
+            mask = batch["loss_mask"].astype(jnp.float32)
+            kl_sum, ce_sum = jnp.sum(st.kl * mask), jnp.sum((st.lse - st.target) * mask)
+            total = self.kl_weight * kl_sum + self.ce_weight * ce_sum
+            return total, {"loss": total, "kl": kl_sum, "ce": ce_sum}, nnx.split(model, nnx.Param, ...)[2]
+        t_logits = jax.lax.stop_gradient(match_vocab(teacher(tokens, seg, pos), self.vocab_size))
         s_logits = model(tokens, segment_ids=seg, positions=pos)
         new_rest = nnx.split(model, nnx.Param, ...)[2]
         mask = batch["loss_mask"].astype(jnp.float32)

@@ -140,6 +140,7 @@ def plan_stage(cfg: TrainConfig, *, model_builder: Callable[..., Any] | None = N
             kl_weight=st.kl_weight,
             ce_weight=st.ce_weight,
             temperature=st.kl_temperature,
+            vocab_tile=cfg.loss_vocab_tile,
         )
     return plan
 

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from wuneng_jax.decode.state import bucket_length
+from wuneng_jax.layers import vocab_tiling
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -31,15 +32,26 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def score_tokens(
-    model: nnx.Module, tokens: jax.Array, segment_ids: jax.Array, targets: jax.Array, mask: jax.Array
+    model: nnx.Module,
+    tokens: jax.Array,
+    segment_ids: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+    vocab_tile: int = vocab_tiling.DEFAULT_VOCAB_TILE,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed ``log p(targets)`` over ``mask`` ``[B]`` float32, and ``is_greedy`` bool ``[B]`` (every
-    masked target is the argmax). All inputs ``[B,T]``; ``mask`` selects the scored positions."""
-    logits = model(tokens, segment_ids=segment_ids)
-    lp = token_logprobs(logits, targets)
+    masked target is the argmax). All inputs ``[B,T]``; ``mask`` selects the scored positions.
+    ``vocab_tile``: ids per vocabulary tile (``wuneng_jax.layers.vocab_tiling``; 0 = full logits)."""
     mask = mask.astype(jnp.bool_)
+    if vocab_tiling.tiles_for(model, vocab_tile):
+        x, weight, transposed = vocab_tiling.model_head(model, tokens, segment_ids=segment_ids)
+        st = vocab_tiling.greedy_stats(x, weight, targets, transposed=transposed, tile=vocab_tile)
+        lp, argmax = (st.target - st.lse).astype(jnp.float32), st.argmax
+    else:
+        logits = model(tokens, segment_ids=segment_ids)
+        lp, argmax = token_logprobs(logits, targets), jnp.argmax(logits, axis=-1)
     total = jnp.sum(jnp.where(mask, lp, 0.0), axis=-1)
-    greedy = jnp.all(jnp.where(mask, jnp.argmax(logits, axis=-1) == targets, True), axis=-1)
+    greedy = jnp.all(jnp.where(mask, argmax == targets, True), axis=-1)
     return total, greedy
 
 
@@ -57,6 +69,8 @@ class LoglikelihoodScorer:
       max_length: longest model input; longer requests keep the end of their context (default: the
         config's ``max_position_embeddings``, or 2048).
       length_bucket: input lengths are rounded up to a multiple of it (fewer compiles).
+      vocab_tile: ids per vocabulary tile of the scoring (``wuneng_jax.layers.vocab_tiling``; 0 = full
+        logits).
     """
 
     def __init__(
@@ -66,6 +80,7 @@ class LoglikelihoodScorer:
         batch_size: int = 8,
         max_length: int | None = None,
         length_bucket: int = 64,
+        vocab_tile: int = vocab_tiling.DEFAULT_VOCAB_TILE,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -78,7 +93,8 @@ class LoglikelihoodScorer:
         self.graphdef, self.params = nnx.split(model)
 
         def run(params, tokens, segment_ids, targets, mask):
-            return score_tokens(nnx.merge(self.graphdef, params), tokens, segment_ids, targets, mask)
+            model = nnx.merge(self.graphdef, params)
+            return score_tokens(model, tokens, segment_ids, targets, mask, vocab_tile)
 
         self._run = jax.jit(run)
 

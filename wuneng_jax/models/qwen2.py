@@ -364,9 +364,8 @@ class Qwen2(nnx.Module):
         self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
     ) -> jax.Array:
         """``__call__`` minus the LM head: the final-normed hidden state ``[B,T,d]`` (compute dtype) that
-        :meth:`head` multiplies by :meth:`head_weight` (the unused logits are dead code under jit)."""
-        h = self.forward_with_intermediates(tokens, segment_ids, positions).hidden_states[-1]
-        return self.norm(h)
+        :meth:`head` multiplies by :meth:`head_weight`."""
+        return self.norm(self.run(tokens, segment_ids, positions).h)
 
     def run(
         self,

@@ -593,6 +593,20 @@ class RWKV7(nnx.Module):
         layer_states = self.blocks.layer_caches(caches)
         return logits, RWKV7State(*(jnp.stack(parts) for parts in zip(*layer_states, strict=True)))
 
+    def hidden(
+        self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> jax.Array:
+        """``__call__`` minus the head: ``ln_out`` of the last block's output ``[B,T,C]`` in the compute
+        dtype, which the LM head multiplies by :meth:`head_weight` (the vocabulary-tiled loss,
+        ``wuneng_jax.layers.vocab_tiling``)."""
+        tokens = jnp.asarray(tokens)
+        self._check_inputs(tokens, segment_ids, positions, None)
+        return self.ln_out(self.run(tokens, segment_ids).h).astype(jnp.dtype(self.cfg.dtype))
+
+    def head_weight(self) -> tuple[jax.Array, bool]:
+        """``(head [C,V], transposed=False)``: the LM head as ``hidden(...) @ head``."""
+        return self.head[...], False
+
 
 register_family("rwkv7", RWKV7Config, RWKV7)
 for _name in PRESETS:
