@@ -34,6 +34,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from train import checkpoint_layout
 from train.config import CheckpointConfig
 from train.state import StateLayout, TrainState
 
@@ -177,6 +178,10 @@ class Checkpointer:
         """Check ``meta`` against the current model, then restore the state into ``layout``'s
         shardings and return the saved data-iterator state."""
         meta = self.read_meta(step)
+        if checkpoint_layout.is_per_layer(
+            meta.get("param_shapes", {}), expected_meta.get("param_shapes", {})
+        ):
+            return self._restore_per_layer(step, layout, expected_meta, meta)
         check_compatible(meta, expected_meta, self._step_dir(step))
         try:
             out = self.manager.restore(
@@ -194,6 +199,33 @@ class Checkpointer:
             raise self._corrupt(step, e) from e
         state = TrainState.from_dict(out["state"])
         return Restored(state=state, data_state=out["data"], meta=meta, step=step)
+
+    def _restore_per_layer(
+        self, step: int, layout: StateLayout, expected_meta: Mapping[str, Any], meta: dict[str, Any]
+    ) -> Restored:
+        """A checkpoint written before layers were stacked (``train.checkpoint_layout``): checked against
+        the model's per-layer shapes, read in its own structure and restacked into ``layout``."""
+        model = checkpoint_layout.abstract_model(layout)
+        expected = {**expected_meta, "param_shapes": checkpoint_layout.per_layer_shapes(model)}
+        check_compatible(meta, expected, self._step_dir(step))
+        log.warning(
+            "checkpoint %s holds one array per layer (written before layers were stacked): restacking it; "
+            "the next checkpoint is saved in the stacked layout",
+            self._step_dir(step),
+        )
+
+        def read_saved() -> Any:
+            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+            return out["state"]
+
+        try:
+            state = checkpoint_layout.restore_per_layer(read_saved, layout, model, str(self._step_dir(step)))
+            data = self.manager.restore(step, args=ocp.args.Composite(data=IteratorStateRestore()))["data"]
+        except MissingIteratorState as e:
+            raise self._corrupt(step, e) from e
+        except Exception as e:  # noqa: BLE001
+            raise self._corrupt(step, e) from e
+        return Restored(state=TrainState.from_dict(state), data_state=data, meta=meta, step=step)
 
     def _step_dir(self, step: int) -> Path:
         return self.directory / str(step)
@@ -252,5 +284,8 @@ def check_compatible(saved: Mapping[str, Any], expected: Mapping[str, Any], wher
             )
 
 
-# Fields that may change between runs without changing the parameters (compute dtype, remat).
-_IGNORED_MODEL_FIELDS = frozenset({"dtype", "remat", "remat_policy", "attention_impl", "kernel_impl", "impl"})
+# Fields that may change between runs without changing the parameters (compute dtype, remat, kernels, the
+# initialisation recipe, which a restored checkpoint overrides).
+_IGNORED_MODEL_FIELDS = frozenset(
+    {"dtype", "remat", "remat_policy", "attention_impl", "kernel_impl", "impl", "wkv_impl", "init"}
+)
