@@ -1,7 +1,9 @@
 """Named parameter groups and the trainable/frozen split of a stage.
 
-Parameter paths are the ``nnx`` attribute paths joined by dots (``layers.3.self_attn.q_proj.kernel``),
-the same for ``qwen2`` and ``wuneng`` models (WuNeng keeps Qwen2's paths and adds its own beside them).
+Parameter paths are the ``nnx`` attribute paths joined by dots. Decoder layers are stacked in scanned
+groups (:mod:`wuneng_jax.layers.stack`), so a layer parameter is one array for every layer of its group
+(``layers.blocks.<group>.<position>.self_attn.q_proj.kernel``): groups and regexes select it for all of
+those layers together. WuNeng keeps Qwen2's attribute names and adds its own beside them.
 
 Groups (``stage.trainable`` / ``stage.freeze`` entries; anything else is a regular expression searched
 in the path):
@@ -102,7 +104,8 @@ def select(entries: Sequence[str], paths: Iterable[Path], field: str) -> set[Pat
             kind = "group" if entry in GROUPS else "regex"
             raise ConfigError(
                 f"config field `{field}[{i}]`: {kind} {entry!r} matches no parameter of this model "
-                f"(groups: {', '.join(GROUPS)}; regexes search paths like {path_name(paths[0])!r})"
+                f"(groups: {', '.join(GROUPS)}; regexes search paths like {path_name(paths[-1])!r}: layers are "
+                "stacked, so one path covers every layer of its group and single layers cannot be selected)"
             )
         out |= hit
     return out
