@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --size 150m          # GPU: ~150M parameters
     python benchmarks/train_step.py --size 1b --dtype bfloat16
     python benchmarks/train_step.py --layers 2 8       # compile time vs depth (scanned layers)
+    python benchmarks/train_step.py --loss-vocab-tile 0 128   # full logits vs a vocabulary-tiled loss
 
 All models run the real jitted train step (``train.train_step``: AdamW, clipping, float32 master
 weights) on one mesh over all local devices (data-parallel), on random tokens, in the same run.
@@ -35,6 +36,7 @@ from train.state import count_params, init_state, make_layout  # noqa: E402
 from train.train_step import jit_train_step, make_train_step  # noqa: E402
 from wuneng_jax import sharding as S  # noqa: E402
 from wuneng_jax.config import config_from_dict  # noqa: E402
+from wuneng_jax.layers.vocab_tiling import DEFAULT_VOCAB_TILE  # noqa: E402
 from wuneng_jax.models import build_model  # noqa: E402
 
 # Matching widths per size: qwen2 and wuneng share the attention shape; rwkv7 gets the same width/depth.
@@ -77,7 +79,9 @@ def model_configs(size: str, dtype: str) -> dict[str, dict]:
     }
 
 
-def bench_family(cfg_dict: dict, seq: int, batch: int, reps: int) -> dict:
+def bench_family(
+    cfg_dict: dict, seq: int, batch: int, reps: int, vocab_tile: int = DEFAULT_VOCAB_TILE
+) -> dict:
     import time
 
     cfg = config_from_dict(cfg_dict)
@@ -87,7 +91,12 @@ def bench_family(cfg_dict: dict, seq: int, batch: int, reps: int) -> dict:
     build = lambda rngs: build_model(cfg, rngs=rngs)  # noqa: E731
     layout = make_layout(build, tx, mesh, rules, seed=0)
     state = init_state(build, tx, mesh, rules, 0, layout)
-    step = jit_train_step(make_train_step(layout.graphdef, tx, schedule, rules=rules), layout, mesh, rules)
+    step = jit_train_step(
+        make_train_step(layout.graphdef, tx, schedule, rules=rules, vocab_tile=vocab_tile),
+        layout,
+        mesh,
+        rules,
+    )
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg_dict["vocab_size"], (batch, seq + 1)).astype(np.int32)
     batch_arrays = {
@@ -136,19 +145,34 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--families", nargs="+", default=["qwen2", "wuneng", "rwkv7"])
     p.add_argument("--layers", nargs="+", type=int, default=None, help="depths to run (default: the size's)")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the size's)")
+    p.add_argument(
+        "--loss-vocab-tile",
+        nargs="+",
+        type=int,
+        default=[DEFAULT_VOCAB_TILE],
+        help="vocabulary tile(s) of the loss to compare in one run (0 = full logits; default: the train "
+        "config's default)",
+    )
     args = p.parse_args(argv)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     seq = args.seq_len or SIZES[args.size]["seq"]
     batch = args.batch or SIZES[args.size]["batch"]
     batch = max(batch // jax.device_count(), 1) * jax.device_count()
     depths = args.layers or [SIZES[args.size]["layers"]]
+    tiles = args.loss_vocab_tile
     results = {}
-    for depth in depths:
+    for depth, tile in [(d, t) for d in depths for t in tiles]:
         configs = model_configs(args.size, dtype)
         for fam in args.families:
-            key = fam if len(depths) == 1 else f"{fam}@{depth}"
+            key = (
+                fam + ("" if len(depths) == 1 else f"@{depth}") + ("" if len(tiles) == 1 else f"/tile{tile}")
+            )
             cfg = {**configs[fam], ("n_layer" if fam == "rwkv7" else "num_layers"): depth}
-            results[key] = r = {"family": fam, "layers": depth, **bench_family(cfg, seq, batch, args.reps)}
+            if args.vocab:
+                cfg["vocab_size"] = args.vocab
+            r = {"family": fam, "layers": depth, "loss_vocab_tile": tile}
+            results[key] = r = {**r, **bench_family(cfg, seq, batch, args.reps, tile)}
             print(
                 f"{key}: {r['params']:,} params, compile {r['compile_s']:.1f} s, {r['step_ms']:.1f} ms/step, "
                 f"{r['tokens_per_s']:.0f} tok/s",
@@ -158,7 +182,7 @@ def main(argv=None) -> None:
     for key, r in results.items():
         base = results.get(key.replace(r["family"], "qwen2", 1))
         rel = r["step_ms"] / base["step_ms"] if base else float("nan")
-        shallow = results.get(f"{r['family']}@{min(depths)}", r)
+        shallow = results.get(key.replace(f"@{r['layers']}", f"@{min(depths)}"), r)
         r["step_time_vs_qwen2"] = rel
         r["compile_vs_shallowest"] = r["compile_s"] / shallow["compile_s"]
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a (no peak for this device)"
@@ -191,7 +215,10 @@ def main(argv=None) -> None:
         rows,
     )
     path = write_results(
-        f"train_step_{args.size}" + ("_layers" + "-".join(map(str, depths)) if args.layers else ""),
+        f"train_step_{args.size}"
+        + ("_layers" + "-".join(map(str, depths)) if args.layers else "")
+        + (f"_vocab{args.vocab}" if args.vocab else "")
+        + ("_tiles" + "-".join(map(str, tiles)) if len(tiles) > 1 else ""),
         {"config": {**vars(args), "dtype": dtype, "batch": batch, "seq_len": seq}, "results": results},
     )
     print(f"\nwrote {path}")
