@@ -92,3 +92,11 @@ def test_decode_errors():
         dec.generate([[1]], max_new_tokens=0)
     with pytest.raises(ValueError, match="rows"):
         dec.step([1, 2], dec.init_state(1, 4))
+
+
+def test_decode_with_a_scanned_pattern_of_layers():
+    """Hybrid every 2nd layer of 5: one scanned group of (hybrid, attention) blocks plus a last hybrid layer;
+    decode still matches the full forward."""
+    model = make_model("wuneng", seed=2, num_layers=5, hybrid_layers={"every": 2})
+    assert [tuple(g) for g in model.layers.groups] == [(0, 2, 2), (4, 1, 1)]
+    check_decode_parity(model, extend_chunk=0)

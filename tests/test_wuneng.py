@@ -335,3 +335,20 @@ def test_sharded_mesh_matches_single_device(qwen):
     assert maxabs(out.logits, ref.logits) <= 2e-6 * np.abs(ref.logits).max()
     for x, y in zip(out.state_outputs, ref.state_outputs, strict=True):
         assert maxabs(x, y) <= 2e-5 * np.abs(y).max()
+
+
+def test_scanned_groups_match_layer_by_layer(qwen):
+    """The scanned stack (groups of a repeating pattern) computes what calling each layer in turn does."""
+    cfg = wcfg(dataclasses.replace(QCFG, num_layers=5), hybrid_layers={"every": 2})
+    model = random_model(WuNeng, cfg, 7)
+    perturb_new(model, cfg, 8)
+    assert [tuple(g) for g in model.layers.groups] == [(0, 2, 2), (4, 1, 1)]
+    tok, seg = jnp.asarray(TOK), jnp.asarray(SEG)
+    seg_ids, _, rope = model.prepare(tok, seg)
+    ctx = LayerContext(rope, seg_ids)
+    h = model.embed(tok)
+    for layer in model.layers.views():
+        h = layer(h, ctx).h
+    want = np.asarray(model.head(h))
+    got = np.asarray(model(tok, seg))
+    assert maxabs(got, want) <= 1e-5 * np.abs(want).max()
