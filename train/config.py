@@ -29,6 +29,7 @@ Schema (defaults in brackets)::
     z_loss: float [0.0]               # coefficient of mean(logsumexp(logits)^2)
     loss_vocab_tile: int [8192]       # vocabulary ids per tile of the loss (no [tokens, V] float32 logits); 0 = full logits
     seed: int [0]
+    compiled_step: str [null]         # a train step saved by `wuneng compile --save` (docs/tpu_aot.md), run instead of compiling
     max_skipped_steps: int [10]       # consecutive non-finite (skipped) steps before the run stops; 0 = never
     mesh: {data [-1], fsdp [1], tensor [1], sequence [1], dcn_granule [auto], dcn_axis [data]}
     rules: [[logical_name, mesh_axis | [mesh_axes] | null], ...]   # the whole table, or
@@ -506,6 +507,7 @@ class TrainConfig:
     z_loss: float = 0.0
     loss_vocab_tile: int = DEFAULT_VOCAB_TILE
     seed: int = 0
+    compiled_step: str | None = None
     max_skipped_steps: int = 10
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     rules: Rules = DEFAULT_RULES

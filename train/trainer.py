@@ -293,6 +293,8 @@ class Trainer:
             self.rules,
             extra_shardings=None if teacher is None else teacher.shardings(self.mesh, self.rules),
         )
+        if cfg.compiled_step:
+            self.train_step = self._load_compiled_step(cfg.compiled_step)
         self._step_extra: tuple[Any, ...] = ()
         self.eval_step = jit_eval_step(
             make_eval_step(self.layout.graphdef, cfg.loss_vocab_tile), self.layout, self.mesh, self.rules
@@ -306,6 +308,19 @@ class Trainer:
         self.throughput = Throughput(self.flops["total"], cfg.tokens_per_step, jax.device_count(), self.peak)
 
         self._stop_requested = False
+
+    def _load_compiled_step(self, path: str) -> Any:
+        """The train step saved by ``wuneng compile --save`` (``train.aot.executable``), checked against
+        this run: target devices, mesh, versions and every step-relevant config value."""
+        from train.aot.compile import host_model_config
+        from train.aot.executable import SavedStepError, check_stage, load_train_step, step_meta
+
+        try:
+            check_stage(self.plan)
+            model_cfg = host_model_config(self.model_cfg, self.cfg.seq_len)
+            return load_train_step(path, step_meta(self.cfg, model_cfg, self.mesh))
+        except SavedStepError as e:
+            raise ConfigError(str(e)) from e
 
     # ---- helpers
     def echo(self, text: str) -> None:
@@ -572,7 +587,11 @@ class Trainer:
         """Step ``s`` -> ``s + 1``; its metrics are recorded one step late (the host never waits)."""
         local = next(r.train_it)
         if s == r.start:
-            r.bar.write("compiling the train step (the first step takes longer) ...")
+            r.bar.write(
+                f"train step loaded from {self.cfg.compiled_step} (compiled_step)"
+                if self.cfg.compiled_step
+                else "compiling the train step (the first step takes longer) ..."
+            )
         with mesh_context(self.mesh, self.rules):
             r.state, metrics = self.train_step(r.state, self._global_batch(local), *self._step_extra)
         r.done = s + 1

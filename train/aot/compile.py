@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import math
-import pickle
 import shutil
 import sys
 import tempfile
@@ -33,6 +32,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from train.aot.executable import (
+    load_executable,
+    read_executable_meta,
+    save_executable,
+    step_meta,
+)
 from train.aot.memory import (
     Buffer,
     MemoryUsage,
@@ -228,7 +233,7 @@ class TrainTarget:
     """Everything built for the train step on a slice (the inputs of :func:`compile_train`)."""
 
     cfg: TrainConfig
-    topo: Topology
+    topo: Topology | None  # None: this host's own devices (compile_host)
     mesh: Mesh
     model_cfg: Any
     impls: dict[str, str]
@@ -240,6 +245,15 @@ class TrainTarget:
 
 
 def build_train(cfg: TrainConfig, topo: Topology, devices: Sequence[Any] | None = None) -> TrainTarget:
+    mesh = build_mesh(cfg, topo, devices)
+    model_cfg = resolve_model_config(cfg.model, dtype=cfg.dtype, remat=cfg.remat)
+    model_cfg, impls = tpu_model_config(model_cfg, cfg.seq_len)
+    return _build_target(cfg, topo, mesh, model_cfg, impls)
+
+
+def _build_target(
+    cfg: TrainConfig, topo: Topology | None, mesh: Mesh, model_cfg: Any, impls: dict[str, str]
+) -> TrainTarget:
     from train.metrics import flops_dims, flops_per_token
     from train.optimizer import make_optimizer
     from train.state import count_params, make_layout
@@ -252,9 +266,6 @@ def build_train(cfg: TrainConfig, topo: Topology, devices: Sequence[Any] | None 
     )
     from wuneng_jax.models import build_model
 
-    mesh = build_mesh(cfg, topo, devices)
-    model_cfg = resolve_model_config(cfg.model, dtype=cfg.dtype, remat=cfg.remat)
-    model_cfg, impls = tpu_model_config(model_cfg, cfg.seq_len)
     check_batch_shape(cfg.global_batch_size, cfg.seq_len, cfg.grad_accum_steps, mesh, cfg.rules)
 
     def build(rngs):
@@ -353,7 +364,9 @@ def compile_inference(
         return KVLayer(NamedSharding(mesh, kv_spec), NamedSharding(mesh, kv_spec))
 
     is_kv = lambda x: isinstance(x, KVLayer)
-    state_sh = state_sh._replace(caches=jax.tree.map(kv_sharding, state.caches, state_sh.caches, is_leaf=is_kv))
+    state_sh = state_sh._replace(
+        caches=jax.tree.map(kv_sharding, state.caches, state_sh.caches, is_leaf=is_kv)
+    )
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
     rows = _batch_leaf_sharding(mesh, jax.ShapeDtypeStruct((batch, 1), jnp.int32), batch, batch_axes)
     prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=rows)
@@ -388,51 +401,30 @@ def compile_inference(
 
 
 # --------------------------------------------------------------------------------------------
-# Saving the compiled train step (MaxText's compiled_trainstep_file)
+# Saving the compiled train step (MaxText's compiled_trainstep_file): train.aot.executable
 
 
-def save_executable(compiled: Any, path: str | Path, meta: dict[str, Any]) -> None:
-    """Serialise a compiled step (``jax.experimental.serialize_executable``) with ``meta`` (topology, mesh,
-    config) to ``path``; :func:`load_executable` on a host of that slice gives back a callable."""
-    from jax.experimental.serialize_executable import serialize
-
-    payload, in_tree, out_tree = serialize(compiled)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump({"format": "wuneng-aot-1", "meta": meta, "executable": (payload, in_tree, out_tree)}, f)
+def host_model_config(model_cfg: Any, seq_len: int) -> Any:
+    """``model_cfg`` as the trainer of this host runs it: ``impl="auto"`` resolved as on a TPU host when
+    the default backend is a TPU (:func:`tpu_model_config`), else kept (resolved at trace time)."""
+    return tpu_model_config(model_cfg, seq_len)[0] if jax.default_backend() == "tpu" else model_cfg
 
 
-def _read_saved(path: str | Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            blob = pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError):
-        blob = None
-    if not isinstance(blob, dict) or blob.get("format") != "wuneng-aot-1":
-        raise ValueError(f"{path} is not a compiled step saved by `wuneng compile --save`")
-    return blob
-
-
-def read_executable_meta(path: str | Path) -> dict[str, Any]:
-    """The metadata saved with a compiled step (topology, mesh, jax version, the run's config)."""
-    return _read_saved(path)["meta"]
-
-
-def load_executable(path: str | Path, expect: dict[str, Any] | None = None) -> Any:
-    """The compiled step saved by :func:`save_executable`, loaded on this host's devices (a TPU slice of the
-    saved topology); ``expect`` (e.g. ``{"topology": "v5p:4x4x4"}``) must match the saved metadata."""
-    from jax.experimental.serialize_executable import deserialize_and_load
-
-    blob = _read_saved(path)
-    for key, value in (expect or {}).items():
-        if blob["meta"].get(key) != value:
-            raise ValueError(
-                f"{path} was compiled for {key}={blob['meta'].get(key)!r}, not {value!r}; recompile it with "
-                "`wuneng compile ... --save`"
-            )
-    payload, in_tree, out_tree = blob["executable"]
-    return deserialize_and_load(payload, in_tree, out_tree)
+def compile_host(cfg: TrainConfig, save: str | Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """The train step of ``cfg`` compiled for this host's own devices (the mesh ``wuneng train`` builds
+    here), exactly as :func:`build_train` + :func:`compile_train` do for a slice, tagged with the host's
+    platform; saved to ``save`` when given. Returns ``(compiled, meta)``."""
+    mesh = make_mesh(cfg.mesh)
+    model_cfg = host_model_config(
+        resolve_model_config(cfg.model, dtype=cfg.dtype, remat=cfg.remat), cfg.seq_len
+    )
+    target = _build_target(cfg, None, mesh, model_cfg, {})
+    with mesh_context(mesh, cfg.rules):
+        compiled = target.jitted.trace(target.layout.abstract, target.batch).lower().compile()
+    meta = _meta(target)
+    if save is not None:
+        save_executable(compiled, save, meta)
+    return compiled, meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,12 +481,8 @@ def _model_name(model: Any) -> str:
 
 
 def _meta(target: TrainTarget) -> dict[str, Any]:
-    return {
-        "topology": target.topo.name,
-        "mesh": dict(target.mesh.shape),
-        "jax": jax.__version__,
-        "config": target.cfg.to_dict(),
-    }
+    topology = target.topo.name if target.topo is not None else None
+    return step_meta(target.cfg, target.model_cfg, target.mesh, topology)
 
 
 def format_report(report: CompileReport) -> str:
@@ -638,10 +626,13 @@ __all__ = [
     "StepReport",
     "build_mesh",
     "build_train",
+    "compile_host",
     "compile_inference",
     "compile_train",
     "format_report",
+    "host_model_config",
     "load_executable",
+    "read_executable_meta",
     "platform_defaults",
     "run",
     "run_compile",
