@@ -116,9 +116,10 @@ def test_sharded_init_places_every_parameter_by_the_rules():
     assert n_sharded >= 10
     # Adam moments are sharded like their parameters
     mu = state.opt_state[1].mu  # chain: (clip, adam, decay, schedule)
-    assert mu["layers"][0]["mlp"]["up_proj"]["kernel"].get_value().sharding.spec == PartitionSpec(
-        "fsdp", "tensor"
-    )
+    # (stacked layers: a leading, unsharded `layers` axis)
+    assert mu["layers"]["blocks"][0][0]["mlp"]["up_proj"][
+        "kernel"
+    ].get_value().sharding.spec == PartitionSpec(None, "fsdp", "tensor")
 
 
 def test_indivisible_parameter_and_batch_give_clear_errors():

@@ -227,4 +227,5 @@ def test_weight_decay_only_on_large_matrices():
     big = {"receptance", "key", "value", "output", "emb", "head"}
     for name, d in dec.items():
         assert d == (name.split("/")[-1] in big), name
-    assert not dec["blocks/1/att/w1"] and not dec["blocks/1/att/r_k"] and dec["blocks/1/ffn/key"]
+    layer1 = "blocks/blocks/1/0"  # layers 1.. are stacked group 1 (layer 0 makes v_first: group 0)
+    assert not dec[f"{layer1}/att/w1"] and not dec[f"{layer1}/att/r_k"] and dec[f"{layer1}/ffn/key"]

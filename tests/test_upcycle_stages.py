@@ -31,6 +31,7 @@ from train.upcycle.pipeline import load_pipeline, run_pipeline
 from wuneng_jax import config as mc
 from wuneng_jax.convert.upcycle import upcycle_qwen2
 from wuneng_jax.layers.context import LayerContext
+from wuneng_jax.layers.stack import layer_paths, per_layer_params, set_per_layer_params, unstack_model_flat
 from wuneng_jax.models import build_model
 from wuneng_jax.models.qwen2 import Qwen2
 from wuneng_jax.models.wuneng_params import hybrid_param_names
@@ -153,7 +154,7 @@ def align_fn(upcycled):
     _, qwen, _, student = upcycled
     gd, _, rest = nnx.split(student, nnx.Param, ...)
     tgd, tparams = nnx.split(qwen, nnx.Param)
-    paths = frozenset(tuple(p) for p, _ in nnx.to_flat_state(tparams))
+    paths = (frozenset(per_layer_params(qwen)), qwen.layers.groups)  # per layer, restacked as the teacher's
     objs = {
         "hybrid": AlignObjective(gd, (0, 1), tgd, branch="hybrid", teacher_paths=paths),
         "state": AlignObjective(gd, (0, 1), tgd, branch="state", teacher_paths=paths),
@@ -187,8 +188,10 @@ def test_align_identity_at_init_and_teacher_forcing(upcycled, align_fn):
     # Teacher forcing: move layer 0's fused output away from the teacher; layer 1 is still fed the
     # teacher's hidden state, so its loss is the teacher-forced value, not the free-running one.
     moved = nnx.clone(student)
-    attn0 = moved.layers.view(0).self_attn
-    attn0.o_state.set_value(jnp.full(attn0.o_state.shape, 0.05, jnp.float32))
+    o_state = ("layers", 0, "self_attn", "o_state")
+    with pytest.raises(ValueError, match="read-only view"):  # a view cannot be written through
+        moved.layers.view(0).self_attn.o_state.set_value(jnp.zeros(per_layer_params(moved)[o_state].shape))
+    set_per_layer_params(moved, {o_state: np.full(per_layer_params(moved)[o_state].shape, 0.05, np.float32)})
     m = align_fn(moved, bt)
     t_attn, forced, free = _forward_parts(moved, qwen, bt)
     ref = [_np_align(t_attn[i], forced[i]["hybrid"], real) for i in range(2)]
@@ -228,14 +231,14 @@ def test_parameter_groups_and_split(upcycled):
     paths = [tuple(p) for p, _ in nnx.to_flat_state(params)]
     group = {g: {p for p in paths if in_group(g, p)} for g in GROUPS}
     new = {(*("layers", i, "self_attn"), n) for i in range(wcfg.num_layers) for n in hybrid_param_names(wcfg)}
-    assert group["hybrid"] == {p for p in paths if p[:4] in new}
+    assert group["hybrid"] == {p for p in paths if all(q[:4] in new for q in layer_paths(student, p))}
     assert group["state"] | group["fusion"] == group["hybrid"] and not group["state"] & group["fusion"]
     assert group["base"] == set(paths) - group["hybrid"]
     base_parts = ("embeddings", "attention", "mlp", "norms")
     assert set().union(*(group[g] for g in base_parts)) == group["base"]
     assert sum(len(group[g]) for g in base_parts) == len(group["base"])  # disjoint
     # state stream = what the state branch W_O[R] depends on, besides the frozen attention weights
-    assert {p[3] for p in group["state"]} == {
+    assert {p[-1] for p in group["state"]} == {
         "mu_r", "mu_kappa", "mu_w", "mu_a", "mu_g", "r_proj", "kappa_proj", "w0", "w1", "w2", "a0", "a1", "a2",
         "k_a", "g1", "g2", "r_k", "ln_x_scale", "ln_x_bias",
     }  # fmt: skip
@@ -294,7 +297,9 @@ def test_hf_qwen2_source_is_upcycled_and_untied():
     assert type(cfg).__name__ == "WuNengConfig" and not cfg.tie_word_embeddings and cfg.hidden_size == 64
     mesh = Mesh(np.array(jax.devices()[:1]).reshape((1,) * 4), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
     params, _ = sources.load_student(src, cfg, mesh=mesh, rules=DEFAULT_RULES, upcycle_seed=0)
-    got = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(params)}
+    abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+    stacked = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(params)}
+    got = {".".join(map(str, p)): v for p, v in unstack_model_flat(abstract, stacked).items()}  # per layer
     hf = load_file(str(hf_dir / "model.safetensors"))
     emb = hf["model.embed_tokens.weight"]
     assert np.array_equal(got["embed_tokens.embedding"], emb) and np.array_equal(got["lm_head.kernel"], emb.T)
@@ -305,9 +310,7 @@ def test_hf_qwen2_source_is_upcycled_and_untied():
     )
     r_hat = q.reshape(64, 2, 2, 16).mean(axis=2).reshape(64, 32)  # W_R̂ = group mean of W_Q
     np.testing.assert_allclose(got["layers.1.self_attn.r_proj"], r_hat, rtol=1e-6, atol=1e-7)
-    assert set(got) == {".".join(map(str, p)) for p, _ in nnx.to_flat_state(
-        nnx.state(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    )}  # fmt: skip
+    assert set(got) == {".".join(map(str, p)) for p in per_layer_params(abstract)}
 
 
 # ----------------------------------------------------------------------------------------------------

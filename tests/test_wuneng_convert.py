@@ -9,22 +9,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from wuneng_cases import HYBRID, QCFG, SEG, TOK_SHAPE, maxabs, perturb_new, random_qwen2, tokens
 
 from wuneng_jax.convert.hf_qwen2 import hf_param_map, load_qwen2
 from wuneng_jax.convert.hf_wuneng import HYBRID_KEYS, load_wuneng, save_wuneng, wuneng_config_from_hf
 from wuneng_jax.convert.safetensors_io import read_safetensors_dir, write_safetensors_dir
 from wuneng_jax.convert.upcycle import upcycle_qwen2
+from wuneng_jax.layers.stack import per_layer_params
 from wuneng_jax.models.wuneng_params import hybrid_param_names
 
 TOK = tokens(4, *TOK_SHAPE)
 
 
 def flat(model) -> dict:
-    return {
-        ".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
+    """Every parameter by per-layer name (``layers.1.self_attn.q_proj.kernel``): models stack layers in
+    different groups, their layers compare one by one."""
+    return {".".join(map(str, p)): np.asarray(v) for p, v in per_layer_params(model).items()}
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,7 @@ class AlignObjective:
         paths, groups = self.teacher_paths
         flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(params)}
         per_layer = unstack_model_flat(model, flat)
-        return nnx.State.from_flat_path(stack_flat({p: per_layer[p] for p in paths}, groups))
+        return nnx.from_flat_state(stack_flat({p: per_layer[p] for p in paths}, groups))
 
     def __call__(self, params: Any, rest: Any, batch: Batch, extra: Any):
         tokens, seg, pos = _model_inputs(batch)
@@ -123,7 +123,9 @@ class AlignObjective:
         inputs = [None] * len(model.layers)
         for i in self.layer_ids:
             inputs[i] = jax.lax.stop_gradient(t_out.hidden_states[i])
-        _, _, aux = model.layers(step, None, model.layers.group_caches(inputs), only=frozenset(self.layer_ids))
+        _, _, aux = model.layers(
+            step, None, model.layers.group_caches(inputs), only=frozenset(self.layer_ids)
+        )
         student = model.layers.layer_caches(aux)
         mask = (seg > 0).astype(jnp.float32)
         sums: dict[str, jax.Array] = {}

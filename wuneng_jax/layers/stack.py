@@ -113,9 +113,17 @@ def _layer_variable(v: nnx.Variable, r: int) -> nnx.Variable:
     if names and names[0] == LAYERS:
         meta["out_sharding"] = tuple(names[1:])
     meta["eager_sharding"] = False
+    meta["on_set_value"] = _read_only
     for k in ("hijax", "ref"):
         meta.pop(k, None)
     return type(v)(_take_value(v.get_value(), r), **meta)
+
+
+def _read_only(var: nnx.Variable, value: Any) -> Any:
+    raise ValueError(
+        "this variable belongs to a read-only view of one stacked layer (LayerStack.view): setting it would "
+        "not change the model; set layer parameters with wuneng_jax.layers.stack.set_per_layer_params"
+    )
 
 
 def _take(tree: Any, r: int | jax.Array) -> Any:
@@ -157,8 +165,8 @@ class LayerStack(nnx.Module):
         raise AssertionError("unreachable")
 
     def view(self, i: int) -> nnx.Module:
-        """Layer ``i`` as its own module, its parameters sliced out of the stack (a copy: setting a
-        variable of the view does not change the stack)."""
+        """Layer ``i`` as its own module, its parameters sliced out of the stack: a read-only copy (setting
+        one of its variables raises; :func:`set_per_layer_params` sets layer parameters)."""
         g, j, r = self.locate(i)
         graphdef, state = nnx.split(self.blocks[g][j])
         is_var = lambda x: isinstance(x, nnx.Variable)
