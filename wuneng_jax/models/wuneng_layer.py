@@ -36,6 +36,7 @@ one) holds the parameters, :class:`WuNengDecoderLayer` is the decoder layer. Rec
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -121,33 +122,55 @@ def state_read(
     c = lambda name: p[name].astype(dt)
     b, t, _ = u.shape
     n = cfg.state_head_size
-    uu = ops.token_shift(u, None if state is None else state.shift, reset) - u
-    u_r, u_kappa, u_w, u_a, u_g = (ops.lerp_mix(u, uu, c(f"mu_{m}")) for m in ("r", "kappa", "w", "a", "g"))
-    r_hat = linear(u_r, p["r_proj"])
-    kappa_hat = ops.l2_normalize_heads(linear(u_kappa, p["kappa_proj"]), n)
-    log_w = ops.decay_log(u_w, p["w0"], c("w1"), c("w2"))  # float32 (float64 in x64 runs)
-    alpha = jax.nn.sigmoid(c("a0") + ops.lora(u_a, c("a1"), c("a2")))
-    k_tilde = ops.modify_key(k.reshape(b, t, cfg.state_size), alpha, c("k_a"))
-    g = ops.lora(u_g, c("g1"), c("g2"), jax.nn.sigmoid)
-
-    rh, kh, vh, kkh, ah = (_heads(x, n) for x in (r_hat, k_tilde, v_s, kappa_hat, alpha))
-    o, wkv_state = wkv7(
-        rh,
-        _heads(log_w, n),
-        kh,
-        vh,
-        -kkh,
-        kkh * ah,
-        None if state is None else state.wkv,
-        reset=reset,
-        impl=cfg.wkv_impl,
-        chunk_size=cfg.wkv_chunk_size,
-        partition=ops.wkv7_partition(ACT_KV_HEADS),  # as _heads constrains the inputs
-    )
-    y = group_norm(ops.merge_heads(o), p["ln_x_scale"], p["ln_x_bias"], cfg.state_heads, ops.LN_X_EPS)
-    y = y + ops.merge_heads(ops.bonus(rh, kh, vh, c("r_k")))
-    r = (y * g).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    r = constrain(r, (BATCH, LENGTH, ACT_KV_HEADS, None))
+    with jax.named_scope("token_shift"):
+        uu = ops.token_shift(u, None if state is None else state.shift, reset) - u
+    with jax.named_scope("state_proj"):
+        # The five token-shift mixes feed five projections; (u + uu ⊙ μ_m) W_m = [u, uu] [W_m; μ_m ⊙ W_m], so
+        # one matmul of [u, uu] computes them all (no [B,T,d] mix per projection, one backward product).
+        heads = (
+            ("r", p["r_proj"]),
+            ("kappa", p["kappa_proj"]),
+            ("w", c("w1")),
+            ("a", c("a1")),
+            ("g", c("g1")),
+        )
+        top = [w.astype(dt) for _, w in heads]
+        bottom = [c(f"mu_{m}")[:, None] * w.astype(dt) for m, w in heads]
+        sizes = [w.shape[1] for w in top]
+        weight = jnp.concatenate([jnp.concatenate(top, axis=1), jnp.concatenate(bottom, axis=1)], axis=0)
+        y = linear(jnp.concatenate([u, uu], axis=-1), weight)
+        r_hat, kappa, w_h, a_h, g_h = jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1)
+    with jax.named_scope("decay_lora"):  # ops.decay_log after its first product
+        f32 = jnp.promote_types(dt, jnp.float32)
+        z = p["w0"].astype(f32) + (jnp.tanh(w_h) @ c("w2")).astype(f32)
+        log_w = -ops.E_HALF * jax.nn.sigmoid(z)  # float32 (float64 in x64 runs)
+    with jax.named_scope("iclr_lora"):
+        alpha = jax.nn.sigmoid(c("a0") + a_h @ c("a2"))
+    with jax.named_scope("gate_lora"):
+        g = jax.nn.sigmoid(g_h) @ c("g2")
+    with jax.named_scope("state_keys"):
+        kappa_hat = ops.l2_normalize_heads(kappa, n)
+        k_tilde = ops.modify_key(k.reshape(b, t, cfg.state_size), alpha, c("k_a"))
+        rh, kh, vh, kkh, ah = (_heads(x, n) for x in (r_hat, k_tilde, v_s, kappa_hat, alpha))
+    with jax.named_scope("wkv7"):
+        o, wkv_state = wkv7(
+            rh,
+            _heads(log_w, n),
+            kh,
+            vh,
+            -kkh,
+            kkh * ah,
+            None if state is None else state.wkv,
+            reset=reset,
+            impl=cfg.wkv_impl,
+            chunk_size=cfg.wkv_chunk_size,
+            partition=ops.wkv7_partition(ACT_KV_HEADS),  # as _heads constrains the inputs
+        )
+    with jax.named_scope("state_out"):
+        y = group_norm(ops.merge_heads(o), p["ln_x_scale"], p["ln_x_bias"], cfg.state_heads, ops.LN_X_EPS)
+        y = y + ops.merge_heads(ops.bonus(rh, kh, vh, c("r_k")))
+        r = (y * g).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        r = constrain(r, (BATCH, LENGTH, ACT_KV_HEADS, None))
     return r, WuNengLayerState(u[:, -1].astype(wkv_state.dtype), wkv_state)
 
 
@@ -223,19 +246,25 @@ def hybrid_attention(
     b, t, _ = u.shape
     hh, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     proj = lambda x, heads: linear(u, p[f"{x}_kernel"], p[f"{x}_bias"]).reshape(b, t, heads, hd)
-    q = constrain(proj("q", hh), (BATCH, LENGTH, ACT_HEADS, None))
-    k = constrain(proj("k", g), (BATCH, LENGTH, ACT_KV_HEADS, None))
-    v = constrain(proj("v", g), (BATCH, LENGTH, ACT_KV_HEADS, None))
+    with jax.named_scope("wuneng_qkv"):
+        q = constrain(proj("q", hh), (BATCH, LENGTH, ACT_HEADS, None))
+        k = constrain(proj("k", g), (BATCH, LENGTH, ACT_KV_HEADS, None))
+        v = constrain(proj("v", g), (BATCH, LENGTH, ACT_KV_HEADS, None))
     reset = document_starts(segment_ids) if state is None else ops.segment_reset(segment_ids)
     if cfg.state_value == "attention_value":
         r, new_state = state_read(p, u, k, v.reshape(b, t, -1), cfg=cfg, reset=reset, state=state)
-        a, kv = attend(query_with_state(p, q, r) if cfg.state_query else q, k, v)
+        if cfg.state_query:
+            with jax.named_scope("state_query"):
+                q = query_with_state(p, q, r)
+        a, kv = attend(q, k, v)
     else:  # attention_output (validated: state_query is off)
         a, kv = attend(q, k, v)
         v_s = linear(a.reshape(b, t, -1), p["state_v_proj"])
         r, new_state = state_read(p, u, k, v_s, cfg=cfg, reset=reset, state=state)
-    o = constrain(fuse_heads(p, a, r, cfg=cfg), (BATCH, LENGTH, ACT_EMBED))
-    branch = linear(_per_query_head(r, hh).reshape(b, t, -1), p["o_kernel"])
+    with jax.named_scope("fusion"):
+        o = constrain(fuse_heads(p, a, r, cfg=cfg), (BATCH, LENGTH, ACT_EMBED))
+    with jax.named_scope("state_branch"):
+        branch = linear(_per_query_head(r, hh).reshape(b, t, -1), p["o_kernel"])
     return HybridOut(o, constrain(branch, (BATCH, LENGTH, ACT_EMBED)), HybridCache(kv, new_state))
 
 
