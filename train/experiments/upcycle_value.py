@@ -43,9 +43,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from train.experiments.report import RESULT_FILE
+
 REPO = Path(__file__).resolve().parents[2]
 STAGE_CONFIGS = REPO / "configs" / "upcycle"
-RESULT_FILE = "result.json"
 LOSS_KEYS = ("teacher", "upcycled", "wuneng_more", "teacher_more", "teacher_more_all")
 LOSS_TITLES = {
     "teacher": "teacher (qwen2) after pretraining",
@@ -372,17 +373,6 @@ def jobs(spec: UpcycleSpec, out_dir: str | Path, vocab_size: int, first_index: i
         UpcycleJob(first_index + i, seed, str(Path(out_dir) / "upcycle" / f"seed{seed}"), spec, vocab_size)
         for i, seed in enumerate(spec.seeds)
     ]
-
-
-def load_job_result(job: UpcycleJob) -> dict[str, Any] | None:
-    path = Path(job.run_dir) / RESULT_FILE
-    if not path.is_file():
-        return None
-    try:
-        res = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return res if res.get("fingerprint") == job.fingerprint else None
 
 
 # --------------------------------------------------------------------------------------------
