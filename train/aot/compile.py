@@ -519,7 +519,8 @@ def format_report(report: CompileReport) -> str:
                 flops += (
                     f", model (MFU formula) {s.model_flops:.4g}, ratio {s.compiled_flops / s.model_flops:.2f}"
                     " (remat recompute, f32 HIGHEST emulation and the chunked WY form raise it; Pallas kernels"
-                    " count 0)"
+                    " count 0; XLA counts a loop body once, so each scanned layer group counts as one layer"
+                    " and the loss's vocabulary tiles as one tile: compiled is a lower bound)"
                 )
             lines.append(flops)
         if s.largest:
