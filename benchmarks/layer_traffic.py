@@ -530,18 +530,31 @@ def top_fusions(program: Program, limit: int) -> list[dict[str, Any]]:
 # Compiling
 
 
-def compile_family(family: str, layers: int, reuse: bool, variant: str = "") -> dict[str, Any]:
-    """Compile (or re-read) the train step; returns the compiler's totals and the optimized HLO text.
-    ``variant`` names the WuNeng dumps (e.g. ``before``) so that two versions of the code can be compared."""
-    dump = DUMPS / (f"{family}_{layers}" + (f"_{variant}" if variant and family == "wuneng" else ""))
+def _cached_dump(dump: Path, program: str, reuse: bool) -> dict[str, Any] | None:
+    """The kept compile of ``program`` in ``dump`` (its cost JSON plus optimized HLO) when ``reuse`` and
+    both exist; otherwise None, with ``dump`` emptied for a fresh compile."""
     hlo = (
-        next(iter(sorted(dump.glob("*jit__lambda*.after_optimizations.txt"))), None)
-        if dump.exists()
-        else None
+        next(iter(sorted(dump.glob(f"*{program}*.after_optimizations.txt"))), None) if dump.exists() else None
     )
     meta_path = dump / "cost.json"
     if reuse and hlo is not None and meta_path.exists():
         return {**json.loads(meta_path.read_text()), "hlo": hlo.read_text()}
+    if dump.exists():
+        for f in dump.rglob("*"):
+            if f.is_file():
+                f.unlink()
+    dump.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def compile_family(family: str, layers: int, reuse: bool, variant: str = "") -> dict[str, Any]:
+    """Compile (or re-read) the train step; returns the compiler's totals and the optimized HLO text.
+    ``variant`` names the WuNeng dumps (e.g. ``before``) so that two versions of the code can be compared."""
+    dump = DUMPS / (f"{family}_{layers}" + (f"_{variant}" if variant and family == "wuneng" else ""))
+    meta_path = dump / "cost.json"
+    cached = _cached_dump(dump, "jit__lambda", reuse)
+    if cached is not None:
+        return cached
     from tpu_fit_table import train_config
 
     from train.aot.compile import build_train, compile_train
@@ -549,11 +562,6 @@ def compile_family(family: str, layers: int, reuse: bool, variant: str = "") -> 
 
     scope_qwen2_modules()
     unroll_layer_stack()
-    if dump.exists():
-        for f in dump.rglob("*"):
-            if f.is_file():
-                f.unlink()
-    dump.mkdir(parents=True, exist_ok=True)
     topo = parse_topology("v5p:2x2x1")
     t0 = time.perf_counter()
     target = build_train(train_config(PRESETS[family], 4096, topo.num_chips, layers), topo)
@@ -587,14 +595,10 @@ def compile_isolated(family: str, reuse: bool) -> dict[str, Any]:
     parameters and the input), at the per-chip shapes of the train step (one 4096-token sequence, bfloat16
     compute, splash attention, Pallas ``wkv7``). No FSDP collectives, optimizer, embedding or loss."""
     dump = DUMPS / f"{family}_isolated"
-    hlo = (
-        next(iter(sorted(dump.glob("*jit_layer_grad*.after_optimizations.txt"))), None)
-        if dump.exists()
-        else None
-    )
     meta_path = dump / "cost.json"
-    if reuse and hlo is not None and meta_path.exists():
-        return {**json.loads(meta_path.read_text()), "hlo": hlo.read_text()}
+    cached = _cached_dump(dump, "jit_layer_grad", reuse)
+    if cached is not None:
+        return cached
     import dataclasses as dc
 
     import jax
@@ -608,11 +612,6 @@ def compile_isolated(family: str, reuse: bool) -> dict[str, Any]:
     from wuneng_jax.models import build_model
 
     scope_qwen2_modules()
-    if dump.exists():
-        for f in dump.rglob("*"):
-            if f.is_file():
-                f.unlink()
-    dump.mkdir(parents=True, exist_ok=True)
     t = 4096
     cfg = dc.replace(mc.preset(PRESETS[family]), num_layers=1, dtype="bfloat16")
     cfg, _ = tpu_model_config(cfg, t)
