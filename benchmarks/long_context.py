@@ -255,22 +255,25 @@ def result_dims(c: dict[str, Any]) -> list[int]:
 
 
 def is_sequence_gather(c: dict[str, Any], seq_len: int, sequence: int) -> bool:
-    """An all-gather whose gathered dimension is the whole sequence (``seq_len``), or a reduce-scatter (its
-    transpose) that scatters one back to ``seq_len / sequence``: the buffers that do not fall with the
-    sequence axis."""
+    """A collective holding a whole sequence on every chip: an all-gather whose gathered dimension is
+    ``seq_len``; a reduce-scatter (its transpose) that scatters one back to ``seq_len / sequence``; an
+    all-reduce of a full-length array (XLA:TPU reduces the gathered K/V gradients as an all-reduce inside a
+    reduce-scatter fusion). These are the buffers that do not fall with the sequence axis."""
+    dims = result_dims(c)
+    if c["kind"] == "all-reduce":
+        return seq_len in dims
     if c["kind"] not in ("all-gather", "reduce-scatter") or not c.get("dimensions"):
         return False
-    dims = result_dims(c)
     want = seq_len if c["kind"] == "all-gather" else seq_len // sequence
     return any(int(d) < len(dims) and dims[int(d)] == want for d in c["dimensions"].split(","))
 
 
 def is_attention_kv(c: dict[str, Any], kv_dims: tuple[int, int] | None = None) -> bool:
-    """A sequence all-gather (or reduce-scatter) of attention keys/values: named so by its op, or (the gather
-    XLA inserts at the attention's ``shard_map`` boundary carries the producer's name) shaped
-    ``[..., T, G, D]`` with ``kv_dims = (G, D)``."""
+    """A collective of attention keys/values (or their gradients): named so by its op, or (the gather XLA
+    inserts at the attention's ``shard_map`` boundary carries the producer's name) shaped ``[..., T, G, D]``
+    with ``kv_dims = (G, D)``."""
     op = (c.get("op_name") or "").lower()
-    if c["kind"] not in ("all-gather", "reduce-scatter"):
+    if c["kind"] not in ("all-gather", "reduce-scatter", "all-reduce"):
         return False
     if kv_dims is not None and tuple(result_dims(c)[-2:]) == tuple(kv_dims):
         return True
@@ -278,21 +281,32 @@ def is_attention_kv(c: dict[str, Any], kv_dims: tuple[int, int] | None = None) -
 
 
 def ring_saving(kv: list[dict[str, Any]], sequence: int, total_bytes: int) -> dict[str, Any]:
-    """What a ring could save at most: a ring holds 2 of the ``sequence`` K/V blocks (the one in use and the one
-    in flight) where the all-gather holds all of them, so at most ``(1 - 2/S)`` of the largest set of gathered
-    K/V buffers that are live at once. Lacking liveness here, the bound uses the per-layer set: the largest
-    all-gathered K/V buffers of one attention call (K, V and, when present, segment ids) — the scan runs one
-    layer at a time and remat recomputes the gather in the backward pass."""
-    gathers = [c for c in kv if c["kind"] == "all-gather"]
+    """What a ring could save at most. A ring holds 2 of the ``sequence`` K/V blocks (the one in use and the one
+    in flight) where the all-gather holds all ``S``, and passes partial dK/dV blocks around instead of reducing
+    full-length ones, so it saves at most ``(1 - 2/S)`` of the full-length K/V buffers one attention call has
+    live: the all-gathered K and V (the largest set in one computation: the scan runs one layer at a time, remat
+    recomputes the gather in the backward pass) plus, in the backward pass, the two largest full-length
+    dK/dV reductions. An upper bound (it assumes all of them live at the per-chip peak)."""
     by_comp: dict[str, int] = {}
-    for c in gathers:
-        by_comp[c["computation"] or "?"] = by_comp.get(c["computation"] or "?", 0) + c["bytes"]
-    per_call = max(by_comp.values(), default=0)
+    for c in kv:
+        if c["kind"] == "all-gather":
+            by_comp[c["computation"] or "?"] = by_comp.get(c["computation"] or "?", 0) + c["bytes"]
+    gathered = max(by_comp.values(), default=0)
+    reductions = sorted(
+        (
+            c["bytes"] * (sequence if c["kind"] == "reduce-scatter" else 1)
+            for c in kv
+            if c["kind"] != "all-gather"
+        ),
+        reverse=True,
+    )
+    reduced = sum(reductions[:2])
     keep = 2 / sequence if sequence > 2 else 1.0
-    saving = int(per_call * (1 - keep))
+    saving = int((gathered + reduced) * (1 - keep))
     return {
-        "gathered_kv_bytes_largest_computation": per_call,
+        "gathered_kv_bytes_one_call": gathered,
         "gathered_kv_bytes_by_computation": by_comp,
+        "reduced_dkv_bytes_one_call": reduced,
         "ring_saving_bytes_at_most": saving,
         "ring_saving_fraction_of_total": saving / total_bytes if total_bytes else None,
     }
@@ -328,6 +342,8 @@ def compile_one(point: Point, keep_dump: str | None = None) -> dict[str, Any]:
             shutil.rmtree(dump, ignore_errors=True)
     entry: dict[str, Any] = {
         **dataclasses.asdict(point),
+        "code": host_info().get("git"),
+        "code_dirty": host_info().get("git_dirty"),
         "key": point.key,
         "global_batch_size": point.global_batch_size,
         "tokens_per_chip": point.tokens_per_chip,
@@ -402,6 +418,13 @@ def host_info() -> dict[str, Any]:
             text=True,
             check=True,
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "wuneng_jax", "pallas_kernels", "train"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+        info["git_dirty"] = [line.strip() for line in dirty if line.strip()]  # uncommitted model/kernel files
     except Exception:
         pass
     return info

@@ -76,9 +76,12 @@ def test_collectives_and_ring_bound():
     assert lc.is_attention_kv({**names["all-gather.3"], "op_name": "x"}, kv_dims=(8960,)) is False
     assert lc.is_attention_kv({**names["all-gather.2"], "op_name": "rope"}, kv_dims=(2, 128))
     ring = lc.ring_saving(att, 4, 10 * kv)
-    assert ring["gathered_kv_bytes_largest_computation"] == 2 * kv
-    assert ring["ring_saving_bytes_at_most"] == kv  # keeps 2 of 4 blocks
-    assert abs(ring["ring_saving_fraction_of_total"] - 0.1) < 1e-12
+    assert ring["gathered_kv_bytes_one_call"] == 2 * kv
+    assert ring["reduced_dkv_bytes_one_call"] == kv  # the reduce-scatter's full-length operand
+    assert ring["ring_saving_bytes_at_most"] == 3 * kv // 2  # keeps 2 of 4 blocks
+    assert abs(ring["ring_saving_fraction_of_total"] - 0.15) < 1e-12
+    ar = {"kind": "all-reduce", "shape": "bf16[1,32768,2,128]", "dimensions": None, "op_name": None}
+    assert lc.is_sequence_gather(ar, 32768, 4) and lc.is_attention_kv(ar, (2, 128))
 
 
 def test_markdown_and_progress(tmp_path):
