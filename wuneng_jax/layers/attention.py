@@ -22,16 +22,17 @@ Implementations (``impl``):
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, bfloat16/float16 only);
   the segment mask is passed as a mask (cuDNN turns it into a bias);
 * ``"splash"``: the Pallas TPU splash-attention kernel (``jax.experimental.pallas.ops.tpu``), causal
-  self-attention with ``T == S`` a multiple of 128. Under a mesh with logical rules it runs inside
-  ``jax.shard_map`` over batch (and heads where they divide); the sequence axis is gathered.
-  ``splash_interpret=True`` runs it in Pallas interpret mode (CPU tests);
+  self-attention with ``T == S`` a multiple of 128.
+  Under a mesh with logical rules it runs inside ``jax.shard_map`` over batch (and heads where they
+  divide); with the sequence split (``mesh.sequence > 1``) each device runs its block of queries against
+  the all-gathered keys/values (context parallelism). ``splash_interpret=True`` runs it in Pallas interpret
+  mode (CPU tests);
 * ``"auto"``: float64 -> reference; GPU with bf16/f16 and a cuDNN-friendly head dim -> cudnn;
   TPU with splash-friendly shapes -> splash; otherwise xla.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Literal
 
@@ -40,7 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import spmd
 
-from wuneng_jax.layers.context_attention import batch_head_axes, context_parallel_attention, large_negative
+from wuneng_jax.layers.context_attention import (
+    batch_head_axes,
+    context_parallel_attention,
+    large_negative,
+    mesh_axes_size,
+    sequence_split,
+)
 from wuneng_jax.layers.params import sharding_active
 
 AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "splash"]
@@ -92,10 +99,13 @@ def _jax_nn_attention(q, k, v, seg_q, seg_kv, causal: bool, scale: float, implem
     )
 
 
-def _splash_kernel(num_heads: int, t: int, causal: bool, interpret: bool):
+def _splash_kernel(num_heads: int, t: int, causal: bool, interpret: bool, q_seq_shards: int = 1):
+    """The splash kernel for ``num_heads`` heads over a length-``t`` self-attention; with ``q_seq_shards`` > 1
+    its mask tables are cut into that many query blocks (one per device of the sequence split)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    block = _SPLASH_BLOCK * max(1, math.gcd(t // _SPLASH_BLOCK, 4))  # 128..512, dividing T
+    local = t // q_seq_shards
+    block = _SPLASH_BLOCK * max(1, math.gcd(local // _SPLASH_BLOCK, 4))  # 128..512, dividing T / shards
     head_mask = sa.CausalMask((t, t)) if causal else sa.FullMask((t, t))
     sizes = sa.BlockSizes(
         block_q=block,
@@ -107,19 +117,21 @@ def _splash_kernel(num_heads: int, t: int, causal: bool, interpret: bool):
         block_q_dq=block,
         block_kv_dq=block,
     )
-    return sa.make_splash_mha_single_device(
-        mask=sa.MultiHeadMask([head_mask] * num_heads), block_sizes=sizes, interpret=interpret
+    return sa.make_splash_mha(
+        mask=sa.MultiHeadMask([head_mask] * num_heads),
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=q_seq_shards,
+        interpret=interpret,
     )
 
 
-def _splash_local(q, k, v, seg_q, seg_kv, *, causal: bool, scale: float, interpret: bool) -> jax.Array:
-    """Splash on local (per-device) arrays. q ``[B,T,H,D]``, k/v ``[B,T,G,D]``, seg ``[B,T]``."""
+def _splash_local(q, k, v, seg_q, seg_kv, kernel) -> jax.Array:
+    """Splash on local (per-device) arrays, q pre-scaled. q ``[B,Tq,H,D]``, k/v ``[B,T,G,D]``, seg ``[B,Tq]``
+    / ``[B,T]``."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    kernel = _splash_kernel(q.shape[2], q.shape[1], causal, interpret)
-    qh = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)  # [B,H,T,D]
-    kh = k.transpose(0, 2, 1, 3)
-    vh = v.transpose(0, 2, 1, 3)
+    qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B,H,T,D]
     out = jax.vmap(lambda a, b_, c, sq, skv: kernel(a, b_, c, segment_ids=sa.SegmentIds(q=sq, kv=skv)))(
         qh, kh, vh, seg_q, seg_kv
     )
@@ -127,18 +139,36 @@ def _splash_local(q, k, v, seg_q, seg_kv, *, causal: bool, scale: float, interpr
 
 
 def _splash(q, k, v, seg_q, seg_kv, *, causal: bool, scale: float, interpret: bool) -> jax.Array:
-    local = functools.partial(_splash_local, causal=causal, scale=scale, interpret=interpret)
+    q = q * jnp.asarray(scale, q.dtype)
+    b, t, h, _ = q.shape
     if not sharding_active():
-        return local(q, k, v, seg_q, seg_kv)
+        return _splash_local(q, k, v, seg_q, seg_kv, _splash_kernel(h, t, causal, interpret))
     # A Pallas call under a sharded jit must sit inside shard_map: shard batch, and heads where both the
-    # query and KV head counts divide the head axes' size; gather the sequence (splash is not ring attention).
-    mesh = jax.sharding.get_abstract_mesh()
-    batch_axes, head_axes = batch_head_axes(mesh, spmd.get_logical_axis_rules(), q, k)
+    # query and KV head counts divide the head axes' size. With the sequence split (context parallelism)
+    # each device keeps its block of queries and gets every key/value (an all-gather of [B,T,G,D], small
+    # with grouped-query attention; its transpose reduce-scatters dK/dV); the kernel's mask tables are cut
+    # per query block, so each device skips the key blocks its causal mask hides. Without a split the
+    # sequence is whole on every device.
     P = jax.sharding.PartitionSpec
-    qs = P(batch_axes, None, head_axes, None)
-    ss = P(batch_axes, None)
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(qs, qs, qs, ss, ss), out_specs=qs, check_vma=False)
-    return fn(q, k, v, seg_q, seg_kv)
+    split = sequence_split(q, k)
+    if split is not None and (t // mesh_axes_size(split[0], split[1])) % _SPLASH_BLOCK == 0:
+        mesh, seq_axes, batch_axes, head_axes = split
+        n_seq = mesh_axes_size(mesh, seq_axes)
+    else:
+        mesh = jax.sharding.get_abstract_mesh()
+        seq_axes, n_seq = None, 1
+        batch_axes, head_axes = batch_head_axes(mesh, spmd.get_logical_axis_rules(), q, k)
+    kernel = _splash_kernel(h // mesh_axes_size(mesh, head_axes), t, causal, interpret, n_seq)
+    kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(None, seq_axes)))
+    qs, kvs = P(batch_axes, seq_axes, head_axes, None), P(batch_axes, None, head_axes, None)
+    fn = jax.shard_map(
+        _splash_local,
+        mesh=mesh,
+        in_specs=(qs, kvs, kvs, P(batch_axes, seq_axes), P(batch_axes, None), kernel_spec),
+        out_specs=qs,
+        check_vma=False,
+    )
+    return fn(q, k, v, seg_q, seg_kv, kernel)
 
 
 def _splash_supported(q: jax.Array, k: jax.Array, causal: bool) -> bool:

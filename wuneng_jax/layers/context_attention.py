@@ -91,22 +91,31 @@ def _blocked_local(q, k, v, seg_q, seg_kv, *, axis, causal: bool, scale: float) 
     return out.reshape(b, tl, h, d).astype(q.dtype)
 
 
-def context_parallel_attention(q, k, v, seg_q, seg_kv, *, causal: bool, scale: float) -> jax.Array | None:
-    """Self-attention (``T == S``) with the sequence split over the mesh axes the logical rules give
-    ``LENGTH``; None when they do not apply (no such axes of size > 1, ``T`` not divisible, ``T != S``), so the
-    caller falls back to its plain path. q ``[B,T,H,D]``, k/v ``[B,T,G,D]``, segment ids ``[B,T]`` or None."""
+def sequence_split(q: jax.Array, k: jax.Array) -> tuple | None:
+    """``(mesh, seq_axes, batch_axes, head_axes)`` when the current mesh and logical rules split the sequence
+    of this self-attention (``LENGTH`` on mesh axes of size > 1 that divide ``T == S``), else None."""
     mesh = jax.sharding.get_abstract_mesh()
     rules = spmd.get_logical_axis_rules()
     if mesh.empty or not rules or q.shape[1] != k.shape[1]:
         return None
-    P = jax.sharding.PartitionSpec
-    seq_axes = spmd.apply_rules(P(LENGTH), rules)[0]
+    seq_axes = spmd.apply_rules(jax.sharding.PartitionSpec(LENGTH), rules)[0]
     n_seq = mesh_axes_size(mesh, seq_axes)
     if n_seq <= 1 or q.shape[1] % n_seq:
         return None
-    batch_axes, head_axes = batch_head_axes(mesh, rules, q, k)
+    return (mesh, seq_axes, *batch_head_axes(mesh, rules, q, k))
+
+
+def context_parallel_attention(q, k, v, seg_q, seg_kv, *, causal: bool, scale: float) -> jax.Array | None:
+    """Self-attention (``T == S``) with the sequence split over the mesh axes the logical rules give
+    ``LENGTH``; None when they do not apply (see :func:`sequence_split`), so the caller falls back to its
+    plain path. q ``[B,T,H,D]``, k/v ``[B,T,G,D]``, segment ids ``[B,T]`` or None."""
+    split = sequence_split(q, k)
+    if split is None:
+        return None
+    mesh, seq_axes, batch_axes, head_axes = split
     if seg_q is None:
         seg_q = seg_kv = jnp.ones(q.shape[:2], jnp.int32)
+    P = jax.sharding.PartitionSpec
     rows, ids = P(batch_axes, seq_axes, head_axes, None), P(batch_axes, seq_axes)
     local = functools.partial(_blocked_local, axis=seq_axes, causal=causal, scale=scale)
     fn = jax.shard_map(

@@ -22,7 +22,6 @@ import numpy as np
 from flax.core import spmd
 
 from pallas_kernels.wkv7 import Partition
-from wuneng_jax.layers.packing import document_starts
 from wuneng_jax.sharding import ACT_HEADS, BATCH, LENGTH
 
 #: e^{-1/2}: the decay scale, ``w = exp(-e^{-1/2} * sigmoid(z))`` in (0.5453, 1).
@@ -68,7 +67,11 @@ def segment_reset(segment_ids: jax.Array) -> jax.Array:
       bool ``[B,T]``; position 0 is ``False`` (the token continues whatever state is passed in, zeros
       for a fresh sequence).
     """
-    return document_starts(segment_ids).at[:, 0].set(False)
+    # Built by one concatenate, not ``document_starts(...).at[:, 0].set(False)``: with the sequence split over
+    # devices, XLA's SPMD partitioner (jax 0.10.2) differentiated that concatenate + scatter wrongly (weight
+    # gradients off by ~50 %, values right); tests/test_context_parallel.py checks the gradients.
+    changed = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros_like(changed[:, :1]), changed], axis=1)
 
 
 def token_shift(x: jax.Array, prev: jax.Array | None = None, reset: jax.Array | None = None) -> jax.Array:
