@@ -181,6 +181,26 @@ def test_config_errors(tmp_path):
         load_experiment(raw, ["eval.examples=12"])
     with pytest.raises(ExperimentError, match="variants.qwen2.vocab_size"):
         load_experiment(raw, ["variants.qwen2.vocab_size=64"])
+    with pytest.raises(ExperimentError, match="tasks.mqar.train.seq_len"):
+        load_experiment(raw, ["tasks.mqar.train={seq_len: 16}"])
+    with pytest.raises(ExperimentError, match="tasks.mqar.train"):
+        load_experiment(raw, ["tasks.mqar.train={optimizer: {lr: -1}}"])
+    # a per-task train override: merged into the shared train fields for that task's runs only
+    spec = load_experiment(raw, ["tasks.mqar.train={steps: 6, optimizer: {lr: 0.003}}"])
+    runs, _ = setup(spec, echo=lambda _: None)
+    by_task = {r.task.name: r.train_cfg for r in runs}
+    assert by_task["mqar"]["steps"] == 6 and by_task["mqar"]["optimizer"]["lr"] == 0.003
+    assert by_task["mqar"]["optimizer"]["warmup_steps"] == raw["train"]["optimizer"]["warmup_steps"]
+    other = [n for n in by_task if n != "mqar"]
+    assert other and all(by_task[n]["steps"] == raw["train"]["steps"] for n in other)
+    # --tasks: a subset of the grid, with the fingerprints of the whole file's runs
+    sub, _ = setup(spec, echo=lambda _: None, only=["mqar"])
+    assert {r.task.name for r in sub} == {"mqar"}
+    assert {r.key: r.fingerprint for r in sub} == {
+        r.key: r.fingerprint for r in runs if r.task.name == "mqar"
+    }
+    with pytest.raises(ExperimentError, match="--tasks"):
+        setup(spec, echo=lambda _: None, only=["nope"])
     # a variant that cannot be matched: no tuning knob and far fewer parameters than the reference
     spec = load_experiment(raw, ["variants.qwen2.tune=null"])
     with pytest.raises(ExperimentError, match=r"variants.qwen2.*from the reference"):

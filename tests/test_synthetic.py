@@ -86,12 +86,12 @@ def test_state_tracking_tokens_cover_group():
 # MQAR
 
 
-def _check_mqar_row(task: syn.MQAR, row):
-    """Re-derive what an MQAR row must be from its tokens alone."""
+def _check_mqar_row(task: syn.MQAR, row, d: int | None = None):
+    """Re-derive what an MQAR row with ``d`` pairs (default ``task.num_pairs``) must be from its tokens alone."""
     T = task.seq_len
     tok, tgt, mask = row["tokens"], row["targets"], row["loss_mask"]
     assert tgt[:-1].tolist() == tok[1:].tolist()  # next-token targets
-    d = task.num_pairs
+    d = task.num_pairs if d is None else d
     keys = [int(k) for k in tok[0 : 2 * d : 2]]
     values = [int(v) for v in tok[1 : 2 * d : 2]]
     assert len(set(keys)) == d
@@ -101,7 +101,7 @@ def _check_mqar_row(task: syn.MQAR, row):
     kv = dict(zip(keys, values, strict=True))
     scored = [t for t in range(T) if mask[t] == 1.0]
     assert set(np.unique(mask).tolist()) <= {0.0, 1.0}
-    assert len(scored) == task.num_queries
+    assert len(scored) == min(task.num_queries, d)
     assert all(t >= 2 * d for t in scored)
     queried = [int(tok[t]) for t in scored]
     assert len(set(queried)) == len(queried)  # distinct keys
@@ -125,7 +125,42 @@ def test_mqar_brute_force(seq_len, pairs, queries):
     assert task.vocab_size == 49
 
 
+def _pairs_of(row) -> int:
+    """The number of key-value pairs at the start of an MQAR row (keys and values alternate, then filler or
+    the first query key: a key where a value would be)."""
+    tok, d = row["tokens"], 0
+    while 2 * d + 1 < len(tok) and tok[2 * d] != syn.FILLER and tok[2 * d + 1] != syn.FILLER:
+        if d and tok[2 * d] in set(tok[0 : 2 * d : 2].tolist()):  # a repeated key: the query region began
+            break
+        d += 1
+    return d
+
+
+def test_mqar_min_pairs_trains_on_fewer_pairs_and_scores_on_all():
+    task = syn.MQAR(seq_len=64, num_pairs=12, num_keys=24, num_values=24, num_queries=8, min_pairs=2)
+    train, seen = syn.TaskSource(task, seed=3), set()
+    for i in range(60):
+        row = train[i]
+        mask = row["loss_mask"]
+        first_query = int(np.flatnonzero(mask)[0])
+        d = _pairs_of({"tokens": row["tokens"][:first_query]})
+        assert 2 <= d <= 12
+        _check_mqar_row(task, row, d)
+        seen.add(d)
+    assert len(seen) >= 8  # roughly uniform over 2..12
+    held = syn.TaskSource(task, seed=3, stream=syn.EVAL_STREAM, length=10)
+    for i in range(10):
+        _check_mqar_row(task, held[i])  # held-out rows: always num_pairs pairs
+    # without min_pairs the training stream is the task itself (unchanged by the option's existence)
+    plain = syn.MQAR(seq_len=64, num_pairs=12, num_keys=24, num_values=24, num_queries=8)
+    np.testing.assert_array_equal(
+        syn.TaskSource(plain, 3)[0]["tokens"], plain.example(syn._rng(3, 0, 0))["tokens"]
+    )
+
+
 def test_mqar_validation():
+    with pytest.raises(ValueError, match="min_pairs"):
+        syn.MQAR(seq_len=64, num_pairs=4, min_pairs=5)
     with pytest.raises(ValueError, match="too short"):
         syn.MQAR(seq_len=16, num_pairs=5)
     with pytest.raises(ValueError, match="num_keys"):

@@ -148,6 +148,9 @@ class MQAR:
     num_keys: int = 32
     num_values: int = 32
     num_queries: int | None = None
+    min_pairs: int | None = (
+        None  # training examples: pairs uniform in [min_pairs, num_pairs] (held-out: num_pairs)
+    )
 
     kind = "mqar"
 
@@ -165,6 +168,10 @@ class MQAR:
         if self.num_queries > self.num_pairs:
             raise ValueError(
                 f"mqar.num_queries: {self.num_queries} > num_pairs={self.num_pairs} (queries are distinct keys)"
+            )
+        if self.min_pairs is not None and not 1 <= int(self.min_pairs) <= self.num_pairs:
+            raise ValueError(
+                f"mqar.min_pairs: must be in [1, num_pairs={self.num_pairs}], got {self.min_pairs}"
             )
         if self.num_slots < self.num_queries:
             raise ValueError(
@@ -188,25 +195,35 @@ class MQAR:
     @property
     def num_slots(self) -> int:
         """Two-token query slots after the pairs in the ``seq_len + 1`` token stream."""
-        return (self.seq_len + 1 - 2 * self.num_pairs) // 2
+        return self.slots_for(self.num_pairs)
 
-    def stream(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """The ``seq_len + 1`` token stream and the stream positions of the query keys (sorted)."""
-        d, q = self.num_pairs, self.num_queries
+    def slots_for(self, num_pairs: int) -> int:
+        return (self.seq_len + 1 - 2 * num_pairs) // 2
+
+    def stream(self, rng: np.random.Generator, num_pairs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``seq_len + 1`` token stream and the stream positions of the query keys (sorted); ``num_pairs``
+        (default ``self.num_pairs``) pairs, ``min(num_queries, num_pairs)`` queries."""
+        d = self.num_pairs if num_pairs is None else int(num_pairs)
+        q = min(self.num_queries, d)
         keys = self.first_key + rng.choice(self.num_keys, size=d, replace=False)
         values = self.first_value + rng.integers(0, self.num_values, size=d)
         s = np.full((self.seq_len + 1,), FILLER, np.int64)
         s[0 : 2 * d : 2] = keys
         s[1 : 2 * d : 2] = values
         which = rng.choice(d, size=q, replace=False)  # which pairs are queried, in query order
-        slots = np.sort(rng.choice(self.num_slots, size=q, replace=False))
+        slots = np.sort(rng.choice(self.slots_for(d), size=q, replace=False))
         qpos = 2 * d + 2 * slots
         s[qpos] = keys[which]
         s[qpos + 1] = values[which]
         return s, qpos
 
-    def example(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        s, qpos = self.stream(rng)
+    def example(self, rng: np.random.Generator, train: bool = False) -> dict[str, np.ndarray]:
+        """One row; a training row (``train``) with ``min_pairs`` set has a uniform number of pairs in
+        ``[min_pairs, num_pairs]`` (fewer pairs: a shorter context and more filler slots)."""
+        d = None
+        if train and self.min_pairs is not None:
+            d = int(rng.integers(int(self.min_pairs), self.num_pairs + 1))
+        s, qpos = self.stream(rng, d)
         mask = np.zeros((self.seq_len,), np.float32)
         mask[qpos] = 1.0
         return _row(s[:-1], s[1:], mask)
@@ -234,7 +251,7 @@ class StateTracking:
     def vocab_size(self) -> int:
         return self.perm_group.order
 
-    def example(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def example(self, rng: np.random.Generator, train: bool = False) -> dict[str, np.ndarray]:
         xs = rng.integers(0, self.vocab_size, size=self.seq_len)
         return _row(xs, self.perm_group.prefix_products(xs), np.ones((self.seq_len,), np.float32))
 
@@ -301,7 +318,7 @@ class RecallState:
         """Group elements per row: the input positions after the pairs not taken by query slots."""
         return self.seq_len - 2 * self.num_pairs - 2 * self.num_queries
 
-    def example(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def example(self, rng: np.random.Generator, train: bool = False) -> dict[str, np.ndarray]:
         d, q, m = self.num_pairs, self.num_queries, self.num_moves
         keys = 1 + rng.choice(self.num_keys, size=d, replace=False)
         values = self.first_value + rng.integers(0, self.num_values, size=d)
@@ -339,7 +356,8 @@ Task = MQAR | StateTracking | RecallState
 
 
 class TaskSource:
-    """A random-access grain data source: element ``i`` = ``task.example(rng(seed, stream, i))``."""
+    """A random-access grain data source: element ``i`` = ``task.example(rng(seed, stream, i), train=stream ==
+    TRAIN_STREAM)`` (a training curriculum such as MQAR's ``min_pairs`` applies to the training stream only)."""
 
     def __init__(self, task: Task, seed: int, stream: int = TRAIN_STREAM, length: int = _MAX_LEN):
         if length < 1:
@@ -352,7 +370,7 @@ class TaskSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if not 0 <= index < self.length:
             raise IndexError(f"example {index} out of range [0, {self.length})")
-        return self.task.example(_rng(self.seed, self.stream, index))
+        return self.task.example(_rng(self.seed, self.stream, index), train=self.stream == TRAIN_STREAM)
 
     def __repr__(self) -> str:
         return f"TaskSource({self.task!r}, seed={self.seed}, stream={self.stream}, length={self.length})"

@@ -86,10 +86,12 @@ def task_vocabs(spec: ExperimentSpec, lm_vocab: dict[str, int]) -> dict[str, int
 
 
 def setup(
-    spec: ExperimentSpec, echo: Callable[[str], None] = print
+    spec: ExperimentSpec, echo: Callable[[str], None] = print, only: Sequence[str] | None = None
 ) -> tuple[list[Any], list[dict[str, Any]]]:
     """The run grid (the upcycling experiment's jobs first, then the grid's runs) and the parameter table
-    (preparing stores and matching parameter counts)."""
+    (preparing stores and matching parameter counts). ``only``: keep the runs of these task names (and the
+    upcycling jobs if it names ``upcycle``); the vocabulary and the parameter matching are those of the whole
+    file, so a run's fingerprint (and its resume) does not depend on the selection."""
     from train.experiments.params import CachedCounter, match_all
 
     store_vocabs = prepare_lm_stores(spec, echo)
@@ -102,6 +104,12 @@ def setup(
 
         vocab = round_up(store_vocabs[UPCYCLE], 64)
         runs = jobs(spec.upcycle, spec.out_dir, vocab, len(runs)) + runs
+    if only is not None:
+        known = {t.name for t in spec.tasks} | ({UPCYCLE} if spec.upcycle is not None else set())
+        unknown = sorted(set(only) - known)
+        if unknown:
+            raise ExperimentError(f"--tasks: {unknown} not among the experiment's {sorted(known)}")
+        runs = [r for r in runs if (r.task.name if isinstance(r, RunSpec) else UPCYCLE) in only]
     return runs, table
 
 
@@ -411,6 +419,7 @@ def run_experiment(
     workers: int | None = None,
     max_runs: int | None = None,
     echo: Callable[[str], None] = print,
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Set up, train every pending run, write the report; returns a summary (counts + paths). Holds the
     output directory's run lock (a second experiment into it is refused)."""
@@ -421,16 +430,21 @@ def run_experiment(
     from train.run_lock import locked_run_dir
 
     with locked_run_dir(spec.out_dir, "wuneng experiment"):
-        return _run_experiment(spec, workers=workers, max_runs=max_runs, echo=echo)
+        return _run_experiment(spec, workers=workers, max_runs=max_runs, echo=echo, only=only)
 
 
 def _run_experiment(
-    spec: ExperimentSpec, *, workers: int | None, max_runs: int | None, echo: Callable[[str], None]
+    spec: ExperimentSpec,
+    *,
+    workers: int | None,
+    max_runs: int | None,
+    echo: Callable[[str], None],
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    runs, table = setup(spec, echo)
+    runs, table = setup(spec, echo, only)
     echo(f"experiment {spec.name}: {len(spec.variants)} variants × grid → {out}")
     echo("parameters (matched to " + spec.reference + "):\n" + format_param_table(table))
     (out / "params.json").write_text(json.dumps(table, indent=1))
@@ -458,6 +472,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         "--dry-run", action="store_true", help="print the grid and the parameter counts, train nothing"
     )
     p.add_argument("--report-only", action="store_true", help="rewrite tables and plots from finished runs")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated task names to run (and report); `upcycle` selects the upcycling experiment",
+    )
     return p
 
 
@@ -465,8 +484,9 @@ def run(args: argparse.Namespace) -> int:
     spec = load_experiment(args.config, args.overrides)
     if args.workers is not None and args.workers < 1:
         raise ExperimentError(f"--workers must be >= 1, got {args.workers}")
+    only = [t for t in args.tasks.split(",") if t] if args.tasks else None
     if args.dry_run or args.report_only:
-        runs, table = setup(spec)
+        runs, table = setup(spec, only=only)
         print("parameters (matched to " + spec.reference + "):\n" + format_param_table(table))
         if args.report_only:
             files = write_report(spec, runs, table)
@@ -478,7 +498,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(runs)} runs")
         return 0
     try:
-        run_experiment(spec, workers=args.workers, max_runs=args.max_runs)
+        run_experiment(spec, workers=args.workers, max_runs=args.max_runs, only=only)
     except Preempted as e:
         print(f"wuneng experiment: {e}", file=sys.stderr)
         return 0

@@ -23,7 +23,8 @@ Schema (defaults in brackets)::
                num_keys [32], num_values [32], num_queries [= num_pairs]}   # the combined task
       <name>: {kind: lm, seq_lens: [...], store, prepare [[]], tokenizer [byte], eval_fraction [0.01],
                stdlib_max_files, stdlib_max_bytes, eval_batches [8]}
-      # any task: `variants: [name, ...]` trains only those variants on it [all]
+      # any task: `variants: [name, ...]` trains only those variants on it [all]; `train: {...}` overrides
+      # the shared `train` fields for this task's runs (merged key by key, nested mappings too)
     upcycle: {...}                     # optional: the upcycling-value experiment (train.experiments.upcycle_value)
 
 ``vocab_size`` is set by the runner: one vocabulary for all synthetic tasks (the largest task vocabulary
@@ -135,6 +136,7 @@ class TaskSpec:
     seq_lens: tuple[int, ...]
     params: dict[str, Any]
     variants: tuple[str, ...] | None = None  # None: every variant of the experiment
+    train: dict[str, Any] | None = None  # overrides of the shared `train` fields for this task's runs
 
     @property
     def is_lm(self) -> bool:
@@ -182,6 +184,9 @@ def _parse_task(name: str, raw: Any) -> TaskSpec:
         if not isinstance(only, list | tuple) or not only or not all(isinstance(v, str) for v in only):
             _fail(f"{field}.variants", f"expected a non-empty list of variant names, got {only!r}")
         only = tuple(only)
+    train = raw.pop("train", None)
+    if train is not None:
+        train = dict(_mapping(train, f"{field}.train"))
     if kind == "lm":
         _check_keys(raw, _LM_KEYS, field)
         if not raw.get("store"):
@@ -200,7 +205,7 @@ def _parse_task(name: str, raw: Any) -> TaskSpec:
         pairs = raw.get("num_pairs")
         if isinstance(pairs, Mapping):
             raw["num_pairs"] = {int(k): _int(v, f"{field}.num_pairs.{k}") for k, v in pairs.items()}
-    spec = TaskSpec(name=name, kind=kind, seq_lens=seq_lens, params=raw, variants=only)
+    spec = TaskSpec(name=name, kind=kind, seq_lens=seq_lens, params=raw, variants=only, train=train)
     if not spec.is_lm:
         for t in seq_lens:
             spec.synthetic(t)  # validates every grid point now
@@ -342,6 +347,24 @@ def from_dict(raw: Mapping[str, Any], source: str = "") -> ExperimentSpec:
     if not tasks_raw:
         _fail("tasks", "needs at least one task")
     tasks = tuple(_parse_task(str(n), t) for n, t in tasks_raw.items())
+    for task in tasks:
+        if task.train is None:
+            continue
+        for key in (*RUNNER_TRAIN_KEYS, "global_batch_size"):
+            if key in task.train:
+                _fail(f"tasks.{task.name}.train.{key}", "cannot be set per task (remove it)")
+        try:
+            load_config(
+                {
+                    **_merged(train, task.train),
+                    "run_dir": "x",
+                    "model": "x",
+                    "seq_len": 8,
+                    "data": {"store": "x"},
+                }
+            )
+        except ConfigError as e:
+            raise ExperimentError(f"experiment section `tasks.{task.name}.train`: {e}") from None
 
     params = _mapping(raw["params"], "params")
     _check_keys(params, ("reference", "tolerance"), "params")
@@ -418,6 +441,14 @@ class RunSpec:
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _merged(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``over`` key by key (nested mappings merged, everything else replaced)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(dict(out[k]), v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return json.loads(json.dumps(out))
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -437,7 +468,7 @@ def plan(spec: ExperimentSpec, models: Mapping[tuple[str, str], dict[str, Any]])
         for task in spec.tasks:
             for seq_len in task.seq_lens:
                 for v in spec.task_variants(task):
-                    cfg = json.loads(json.dumps(spec.train))
+                    cfg = _merged(json.loads(json.dumps(spec.train)), task.train or {})
                     run_dir = out / "runs" / task.name / f"T{seq_len}" / v.name / f"seed{seed}"
                     cfg.update(
                         run_dir=str(run_dir),
