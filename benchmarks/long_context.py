@@ -244,6 +244,28 @@ def collectives(hlo_text: str, min_bytes: int = 1 << 20) -> list[dict[str, Any]]
     return out
 
 
+_REPORT_ROW = re.compile(r"^\s*[\d.]+\w+\(\s*\d+%\);\s*([\d.]+)(\w+);\s*\d+;\s*(\d+);\s*(.*)$")
+_UNIT = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
+
+
+def heap_allocations(report_text: str, limit: int = 12) -> list[dict[str, Any]]:
+    """The largest HBM allocations of the compiler's memory-usage report (``*memory-usage-report.txt``:
+    allocations by size, each with the shapes of the values that share it over the program's life)."""
+    out = []
+    in_hbm = False
+    for line in report_text.splitlines():
+        if line.startswith("Memory Space:"):
+            in_hbm = "color=0" in line
+            continue
+        m = _REPORT_ROW.match(line) if in_hbm else None
+        if m:
+            size = int(float(m.group(1)) * _UNIT.get(m.group(2), 1))
+            out.append({"bytes": size, "values": int(m.group(3)), "shapes": m.group(4).strip()[:400]})
+            if len(out) >= limit:
+                break
+    return out
+
+
 def _short(op_name: str, n: int = 5) -> str:
     return "/".join([p for p in op_name.split("/") if p][-n:])
 
@@ -337,6 +359,8 @@ def compile_one(point: Point, keep_dump: str | None = None) -> dict[str, Any]:
         hlo = dumped_files(dump, "after_optimizations.txt")
         if hlo:
             colls = collectives(Path(hlo[-1]).read_text(errors="replace"))
+        reports = dumped_files(dump, "memory-usage-report.txt")
+        heap = heap_allocations(Path(reports[-1]).read_text(errors="replace")) if reports else []
     finally:
         if keep_dump is None:
             shutil.rmtree(dump, ignore_errors=True)
@@ -360,6 +384,7 @@ def compile_one(point: Point, keep_dump: str | None = None) -> dict[str, Any]:
         "largest": [dataclasses.asdict(b) for b in report.largest[:6]],
         "error": (report.error or "")[:1500] or None,
         "collectives": sorted(colls, key=lambda c: -c["bytes"])[:40],
+        "heap_allocations": heap,
         "command": point.command(),
     }
     mc = target.model_cfg
@@ -575,8 +600,11 @@ def _gib(n: int | None) -> str:
 
 
 def _label(name: str) -> str:
-    m = re.search(r"\((.*?)\)", name)
-    return f"({m.group(1)})" if m else ""
+    """``fusion.34 (body/jit(f)/dynamic_update_slice) [2 copies: ...]`` -> ``fusion.34 (…/dynamic_update_slice)``."""
+    name = re.sub(r" \[\d+ copies.*\]$", "", name)
+    head, _, op = name.partition(" ")
+    op = op.strip("()")
+    return f"`{head}` ({op.rsplit('/', 1)[-1]})" if op else f"`{head}`"
 
 
 def plot(cache: Cache, path: Path) -> None:

@@ -102,3 +102,21 @@ def test_markdown_and_progress(tmp_path):
     assert prog.step(None).startswith("[1/4]") and "ETA n/a" in prog.step(None)
     line = prog.step(60.0)
     assert line.startswith("[3/4]") and "1.00 compiles/min" in line and "ETA 1m00s" in line
+
+
+REPORT = """\
+Memory Space: default (color=0)
+Total bytes: 39713824 (37.87MiB)
+  cumulative_size;       size;       offset; used_by_n_values; shapes_list
+  ------------------------------------------------------------
+    4.00MiB(  4%);    4.00MiB;     17235968;                1; bf16[1,8192,2,16]
+    6.00MiB(  8%);    2.00MiB;     13041664;                2; bf16[1,8192,2,16], f32[1,2048,2,16]
+Memory Space: other (color=1)
+    1.00MiB(  4%);    1.00MiB;     0;                1; f32[4]
+"""
+
+
+def test_heap_allocations():
+    rows = lc.heap_allocations(REPORT)
+    assert [r["bytes"] for r in rows] == [4 << 20, 2 << 20]
+    assert rows[1] == {"bytes": 2 << 20, "values": 2, "shapes": "bf16[1,8192,2,16], f32[1,2048,2,16]"}
