@@ -170,3 +170,31 @@ def test_every_fusion_mode_with_the_sequence_split(overrides):
     with mesh_context(make_mesh(SEQ_MESHES[4], jax.devices()[:8]), DEFAULT_RULES):
         got = fwd(params, batch)
     assert rel_err(got, ref) <= 1e-5, rel_err(got, ref)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prefill_with_the_sequence_split_matches_the_unsplit_prefill(name):
+    """Prefill (left-padded prompts into a fresh decode state) under sequence = 4: the logits and every
+    cache (KV slots, recurrent and token-shift states) equal the unsplit prefill's."""
+    from flax import nnx
+
+    from wuneng_jax.config import preset
+    from wuneng_jax.decode.steps import init_state, prefill
+    from wuneng_jax.models import build_model
+
+    cfg = preset(name)
+    graphdef, params = nnx.split(build_model(cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(2), (2, T), 0, cfg.vocab_size)
+    valid = jnp.asarray(np.arange(T)[None] >= np.array([[0], [13]]))  # row 1: 13 pads (a block and a bit)
+
+    @jax.jit
+    def run(params, tokens, valid):
+        model = nnx.merge(graphdef, params)
+        return prefill(model, tokens, valid, init_state(model, 2, T + 8))
+
+    ref_logits, ref_state = run(params, tokens, valid)
+    with mesh_context(make_mesh(SEQ_MESHES[4], jax.devices()[:8]), DEFAULT_RULES):
+        assert "sequence" in str(jax.make_jaxpr(run)(params, tokens, valid)).split("shard_map")[1][:2000]
+        logits, state = run(params, tokens, valid)
+    assert rel_err(logits, ref_logits) <= 1e-5, rel_err(logits, ref_logits)
+    assert _worst(state, ref_state) <= 1e-5, _worst(state, ref_state)
