@@ -120,3 +120,30 @@ def test_heap_allocations():
     rows = lc.heap_allocations(REPORT)
     assert [r["bytes"] for r in rows] == [4 << 20, 2 << 20]
     assert rows[1] == {"bytes": 2 << 20, "values": 2, "shapes": "bf16[1,8192,2,16], f32[1,2048,2,16]"}
+
+
+def test_cached_causal_mask_blocks_give_the_same_splash_tables():
+    """The benchmark's fast mask preprocessing builds the same splash mask tables (fwd and dkv, sharded over
+    the sequence or not) as the library's per-chunk evaluation."""
+    import jax
+    import numpy as np
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sam
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mi
+
+    from wuneng_jax.layers import attention as A
+
+    def tables(t, shards):
+        mi._process_mask.cache_clear()
+        kernel = A._splash_kernel(4, t, True, False, shards)
+        return [np.asarray(x) for x in jax.tree.leaves(kernel.tree_flatten()[0])]
+
+    original = sam.CausalMask.__getitem__
+    try:
+        before = [tables(2048, 4), tables(1024, 1)]
+        lc.cache_causal_mask_blocks()
+        after = [tables(2048, 4), tables(1024, 1)]
+    finally:
+        sam.CausalMask.__getitem__ = original
+        mi._process_mask.cache_clear()
+    for x, y in zip(before, after, strict=True):
+        assert len(x) == len(y) and all(np.array_equal(a, b) for a, b in zip(x, y, strict=True))
