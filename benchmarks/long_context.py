@@ -266,6 +266,20 @@ def heap_allocations(report_text: str, limit: int = 12) -> list[dict[str, Any]]:
     return out
 
 
+def heap_total(report_text: str) -> int | None:
+    """The HBM heap (temporaries) of the compiler's memory-usage report (``Total bytes`` of color 0)."""
+    m = re.search(r"Memory Space: default \(color=0\)\s*\nTotal bytes: (\d+)", report_text)
+    return int(m.group(1)) if m else None
+
+
+def failure_limit(entry: dict[str, Any]) -> str | None:
+    """Which memory a refusal ran out of: ``HBM`` (the chip's memory), ``SMEM`` (a Mosaic kernel's scalar
+    memory, e.g. splash's prefetched mask tables), or None for a program that fits / was not compiled."""
+    if entry.get("status") != "does not fit":
+        return None
+    return "SMEM" if "space=smem" in (entry.get("error") or "") else "HBM"
+
+
 def _short(op_name: str, n: int = 5) -> str:
     return "/".join([p for p in op_name.split("/") if p][-n:])
 
@@ -407,7 +421,8 @@ def compile_one(point: Point, keep_dump: str | None = None) -> dict[str, Any]:
         if hlo:
             colls = collectives(Path(hlo[-1]).read_text(errors="replace"))
         reports = dumped_files(dump, "memory-usage-report.txt")
-        heap = heap_allocations(Path(reports[-1]).read_text(errors="replace")) if reports else []
+        report_text = Path(reports[-1]).read_text(errors="replace") if reports else ""
+        heap, heap_bytes = heap_allocations(report_text), heap_total(report_text)
     finally:
         if keep_dump is None:
             shutil.rmtree(dump, ignore_errors=True)
@@ -432,6 +447,7 @@ def compile_one(point: Point, keep_dump: str | None = None) -> dict[str, Any]:
         "error": (report.error or "")[:1500] or None,
         "collectives": sorted(colls, key=lambda c: -c["bytes"])[:40],
         "heap_allocations": heap,
+        "hbm_heap_bytes": heap_bytes,
         "command": point.command(),
     }
     mc = target.model_cfg
@@ -606,8 +622,17 @@ def markdown(cache: Cache) -> str:
             layout += f", attention {e['attention']}"
         total = e.get("used_bytes")
         status = {"fits": "yes", "does not fit": "**no**"}.get(e["status"], e["status"])
-        if e["status"] == "does not fit" and e.get("available_bytes"):
+        if e["status"] == "does not fit" and e.get("available_bytes") and total:
             status += f" (needs {total / GIB:.1f} of {e['available_bytes'] / GIB:.2f})"
+        elif failure_limit(e) == "SMEM":
+            m_ = re.search(
+                r"Allocation \(size=(\d+)\) would exceed memory \(size=(\d+)\).*?:: (\w+)", e["error"]
+            )
+            status += (
+                f" (SMEM: {int(m_.group(1)) >> 20} MiB of {int(m_.group(2)) >> 20} MiB in `{m_.group(3)}`)"
+                if m_
+                else " (SMEM)"
+            )
         tmp = next((b for b in e.get("largest", []) if b["kind"] == "temporary"), None)
         big = f"{tmp['nbytes'] / GIB:.2f} GiB `{tmp['shape']}` {_label(tmp['name'])}" if tmp else "—"
         lines.append(
@@ -639,7 +664,9 @@ def _status_of(pts: dict[str, dict[str, Any]], preset: str, topo: str, s: int, t
         for e in pts.values()
         if (e["preset"], e["topology"], e["sequence"], e["seq_len"]) == (preset, topo, s, t)
     )
-    return {"does not fit": "the compiler refuses it"}.get(e["status"], e["status"])
+    if e["status"] == "does not fit":
+        return f"the compiler refuses it, out of {failure_limit(e)}"
+    return e["status"]
 
 
 def _gib(n: int | None) -> str:

@@ -97,7 +97,7 @@ def test_markdown_and_progress(tmp_path):
     cache.save()
     text = lc.markdown(lc.Cache(tmp_path / "lc.json"))
     assert "| 8K | 8K |" in text and "**no** (needs 120.0 of 95.00)" in text
-    assert "longest context that fits **8K** (16K: the compiler refuses it)" in text
+    assert "longest context that fits **8K** (16K: the compiler refuses it, out of HBM)" in text
     prog = lc.Progress(4)
     assert prog.step(None).startswith("[1/4]") and "ETA n/a" in prog.step(None)
     line = prog.step(60.0)
@@ -147,3 +147,14 @@ def test_cached_causal_mask_blocks_give_the_same_splash_tables():
         mi._process_mask.cache_clear()
     for x, y in zip(before, after, strict=True):
         assert len(x) == len(y) and all(np.array_equal(a, b) for a, b in zip(x, y, strict=True))
+
+
+def test_failure_limit_and_heap_total():
+    smem = "RESOURCE_EXHAUSTED: Allocation (size=2097152) would exceed memory (size=1048576) :: #allocation3 [shape = 'u8[2097152]{0}', space=smem, size = 0x200000] :: splash_mha_fwd"
+    assert lc.failure_limit({"status": "does not fit", "error": smem}) == "SMEM"
+    assert (
+        lc.failure_limit({"status": "does not fit", "error": "Ran out of memory in memory space hbm"})
+        == "HBM"
+    )
+    assert lc.failure_limit({"status": "fits"}) is None
+    assert lc.heap_total(REPORT) == 39713824
