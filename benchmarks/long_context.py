@@ -703,6 +703,13 @@ def plot(cache: Cache, path: Path) -> None:
         ]
         if bad:
             ax.plot(*zip(*bad, strict=True), "x", color="red", markersize=10)
+        top = max(cache.data["usable_hbm"].values(), default=96 * GIB) / GIB
+        for e in es:  # refused before a total was known (another memory, a timeout): marked at the HBM line
+            if e.get("used_bytes") is None and e["status"] != "fits":
+                what = failure_limit(e) or e["status"]
+                ax.plot([e["seq_len"]], [top], "x", color=line.get_color(), markersize=10)
+                ax.annotate(f"{what}", (e["seq_len"], top), textcoords="offset points", xytext=(0, 6 + 10 * (s > 1)),
+                            ha="center", fontsize=7, color=line.get_color())  # fmt: skip
     for gen, hbm in cache.data["usable_hbm"].items():
         ax.axhline(hbm / GIB, color="gray", linestyle=":", label=f"{gen} usable HBM ({hbm / GIB:.1f} GiB)")
     ax.set_xscale("log", base=2)
@@ -711,7 +718,8 @@ def plot(cache: Cache, path: Path) -> None:
     ax.set_xlabel("context length T (tokens per row)")
     ax.set_ylabel("per-chip memory (GiB, TPU compiler)")
     topo = ", ".join(sorted({e["topology"] for e in pts.values()}))
-    ax.set_title(f"Train step per-chip memory vs context, {topo} (x: compiler refuses)")
+    ax.set_title(f"Train step, per-chip memory vs context, {topo} (TPU compiler)", fontsize=10)
+    ax.set_ylim(0, max(cache.data["usable_hbm"].values(), default=96 * GIB) / GIB * 1.1)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
