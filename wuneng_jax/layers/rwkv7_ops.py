@@ -71,7 +71,7 @@ def segment_reset(segment_ids: jax.Array) -> jax.Array:
     # devices, XLA's SPMD partitioner (jax 0.10.2) differentiated that concatenate + scatter wrongly (weight
     # gradients off by ~50 %, values right); tests/test_context_parallel.py checks the gradients.
     changed = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return jnp.concatenate([jnp.zeros_like(changed[:, :1]), changed], axis=1)
+    return jnp.concatenate([jnp.zeros((segment_ids.shape[0], 1), bool), changed], axis=1)
 
 
 def token_shift(x: jax.Array, prev: jax.Array | None = None, reset: jax.Array | None = None) -> jax.Array:
