@@ -54,6 +54,8 @@ AttentionImpl = Literal["auto", "reference", "xla", "cudnn", "splash"]
 IMPLS: tuple[str, ...] = ("auto", "reference", "xla", "cudnn", "splash")
 
 _SPLASH_BLOCK = 128
+#: most entries of one splash block table (2 bytes each) before the key blocks grow (see _splash_kernel)
+_SPLASH_TABLE_ENTRIES = 1 << 17
 
 
 def attention_mask(
@@ -99,23 +101,41 @@ def _jax_nn_attention(q, k, v, seg_q, seg_kv, causal: bool, scale: float, implem
     )
 
 
+def splash_blocks(t: int, q_seq_shards: int = 1) -> tuple[int, int]:
+    """Splash's (query block, key block) for a length-``t`` self-attention whose queries are cut into
+    ``q_seq_shards`` blocks: queries (and the keys computed at a time) in blocks of 128..512 dividing
+    ``t / q_seq_shards``. Splash prefetches its block tables (``[query blocks, key blocks]`` per distinct head
+    mask, 2 bytes an entry) into the TPU's scalar memory (1 MiB); at long context (1M tokens over 4 devices
+    with 512-key blocks: 2 MiB) the key blocks grow, up to 8 compute blocks, until a table holds at most
+    ``_SPLASH_TABLE_ENTRIES``."""
+    local = t // q_seq_shards
+    block = _SPLASH_BLOCK * max(1, math.gcd(local // _SPLASH_BLOCK, 4))
+    kv_block = block
+    while (
+        (local // block) * (t // kv_block) > _SPLASH_TABLE_ENTRIES
+        and kv_block < 8 * block
+        and not t % (2 * kv_block)
+    ):
+        kv_block *= 2
+    return block, kv_block
+
+
 def _splash_kernel(num_heads: int, t: int, causal: bool, interpret: bool, q_seq_shards: int = 1):
     """The splash kernel for ``num_heads`` heads over a length-``t`` self-attention; with ``q_seq_shards`` > 1
     its mask tables are cut into that many query blocks (one per device of the sequence split)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    local = t // q_seq_shards
-    block = _SPLASH_BLOCK * max(1, math.gcd(local // _SPLASH_BLOCK, 4))  # 128..512, dividing T / shards
+    block, kv_block = splash_blocks(t, q_seq_shards)
     head_mask = sa.CausalMask((t, t)) if causal else sa.FullMask((t, t))
     sizes = sa.BlockSizes(
         block_q=block,
-        block_kv=block,
+        block_kv=kv_block,
         block_kv_compute=block,
         block_q_dkv=block,
-        block_kv_dkv=block,
+        block_kv_dkv=kv_block,
         block_kv_dkv_compute=block,
         block_q_dq=block,
-        block_kv_dq=block,
+        block_kv_dq=kv_block,
     )
     return sa.make_splash_mha(
         mask=sa.MultiHeadMask([head_mask] * num_heads),
