@@ -153,16 +153,16 @@ def test_splash_interpret_matches_naive():
 
 def test_splash_key_blocks_grow_at_long_context(monkeypatch):
     """The block tables splash prefetches into TPU scalar memory stay small at long context: key blocks grow
-    (1M tokens over 4 devices: 512-query x 4096-key blocks, 131 072 entries instead of 1 048 576); short
-    contexts keep 512 x 512. Values with grown key blocks (a tiny table limit forces them at T = 1024)."""
-    assert attention.splash_blocks(32768) == (512, 512)
-    q_block, kv_block = attention.splash_blocks(1 << 20, 4)
-    assert (q_block, kv_block) == (512, 4096) and (1 << 18) // q_block * (1 << 20) // kv_block <= 1 << 17
+    (1M tokens over 4 devices: 1024-query x 2048-key blocks, 131 072 entries instead of 1 048 576); short
+    contexts keep 512 x 512. Values with grown blocks (a tiny table limit forces them at T = 2048)."""
+    assert attention.splash_blocks(32768) == (512, 512, 512)
+    q_block, kv_block, _ = attention.splash_blocks(1 << 20, 4)
+    assert (q_block, kv_block) == (1024, 2048) and (1 << 18) // q_block * (1 << 20) // kv_block <= 1 << 17
     monkeypatch.setattr(attention, "_SPLASH_TABLE_ENTRIES", 1)
-    assert attention.splash_blocks(1024) == (512, 1024)
-    b, t, h, g, d = 1, 1024, 2, 1, 16
+    assert attention.splash_blocks(2048) == (1024, 2048, 512)
+    b, t, h, g, d = 1, 2048, 2, 1, 16
     q, k, v = _inputs(7, b, t, t, h, g, d)
-    seg = np.repeat([[1, 2]], [700, 324], axis=1).astype(np.int32)
+    seg = np.repeat([[1, 2]], [1300, 748], axis=1).astype(np.int32)
     out = attention.dot_product_attention(
         *(jnp.asarray(x) for x in (q, k, v)),
         segment_ids_q=jnp.asarray(seg),

@@ -101,23 +101,30 @@ def _jax_nn_attention(q, k, v, seg_q, seg_kv, causal: bool, scale: float, implem
     )
 
 
-def splash_blocks(t: int, q_seq_shards: int = 1) -> tuple[int, int]:
-    """Splash's (query block, key block) for a length-``t`` self-attention whose queries are cut into
-    ``q_seq_shards`` blocks: queries (and the keys computed at a time) in blocks of 128..512 dividing
-    ``t / q_seq_shards``. Splash prefetches its block tables (``[query blocks, key blocks]`` per distinct head
-    mask, 2 bytes an entry) into the TPU's scalar memory (1 MiB); at long context (1M tokens over 4 devices
-    with 512-key blocks: 2 MiB) the key blocks grow, up to 8 compute blocks, until a table holds at most
-    ``_SPLASH_TABLE_ENTRIES``."""
+def splash_blocks(t: int, q_seq_shards: int = 1) -> tuple[int, int, int]:
+    """Splash's (query block, key block, keys computed at a time) for a length-``t`` self-attention whose
+    queries are cut into ``q_seq_shards`` blocks: 128..512 dividing ``t / q_seq_shards`` for all three, until
+    long context. Splash prefetches its block tables (``[query blocks, key blocks]`` per distinct head mask, 2
+    bytes an entry) into the TPU's scalar memory (1 MiB): at 1M tokens over 4 devices with 512 × 512 blocks
+    they need 2 MiB. So key blocks grow first (up to 4 compute blocks: the dK/dV kernel keeps a key block's
+    float32 accumulators in VMEM, and 4096-key blocks overflow its 16 MiB), then query blocks (up to 1024),
+    until a table holds at most ``_SPLASH_TABLE_ENTRIES``."""
     local = t // q_seq_shards
     block = _SPLASH_BLOCK * max(1, math.gcd(local // _SPLASH_BLOCK, 4))
-    kv_block = block
+    q_block = kv_block = block
     while (
-        (local // block) * (t // kv_block) > _SPLASH_TABLE_ENTRIES
-        and kv_block < 8 * block
+        (local // q_block) * (t // kv_block) > _SPLASH_TABLE_ENTRIES
+        and kv_block < 4 * block
         and not t % (2 * kv_block)
     ):
         kv_block *= 2
-    return block, kv_block
+    while (
+        (local // q_block) * (t // kv_block) > _SPLASH_TABLE_ENTRIES
+        and q_block < 2 * block
+        and not local % (2 * q_block)
+    ):
+        q_block *= 2
+    return q_block, kv_block, block
 
 
 def _splash_kernel(num_heads: int, t: int, causal: bool, interpret: bool, q_seq_shards: int = 1):
@@ -125,16 +132,16 @@ def _splash_kernel(num_heads: int, t: int, causal: bool, interpret: bool, q_seq_
     its mask tables are cut into that many query blocks (one per device of the sequence split)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    block, kv_block = splash_blocks(t, q_seq_shards)
+    q_block, kv_block, block = splash_blocks(t, q_seq_shards)
     head_mask = sa.CausalMask((t, t)) if causal else sa.FullMask((t, t))
     sizes = sa.BlockSizes(
-        block_q=block,
+        block_q=q_block,
         block_kv=kv_block,
         block_kv_compute=block,
-        block_q_dkv=block,
+        block_q_dkv=q_block,
         block_kv_dkv=kv_block,
         block_kv_dkv_compute=block,
-        block_q_dq=block,
+        block_q_dq=q_block,
         block_kv_dq=kv_block,
     )
     return sa.make_splash_mha(
