@@ -479,10 +479,32 @@ class Cache:
 
     def save(self) -> None:
         self.data["host"] = host_info()
+        self.data["summary"] = summary(self.data["points"])
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
         os.replace(tmp, self.path)
+
+
+def summary(points: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Longest fitting context per (preset, topology, sequence) and the ring bound of each sequence>1 point."""
+    out: dict[str, Any] = {"longest_fitting": {}, "ring_vs_all_gather": {}}
+    for series in sorted({(e["preset"], e["topology"], e["sequence"]) for e in points.values()}):
+        fail = first_failure(points, *series)
+        failed = next((e for e in points.values() if (e["preset"], e["topology"], e["sequence"], e["seq_len"]) == (*series, fail)), None)  # fmt: skip
+        out["longest_fitting"]["|".join(map(str, series))] = {
+            "fits": longest_fitting(points, *series),
+            "first_refused": fail,
+            "refused_for": (failure_limit(failed) or failed["status"]) if failed else None,
+        }
+    for key, e in points.items():
+        if e.get("ring"):
+            r = e["ring"]
+            out["ring_vs_all_gather"][key] = {
+                "total_bytes": e["used_bytes"],
+                **{k: r[k] for k in ("gathered_kv_bytes_one_call", "reduced_dkv_bytes_one_call", "ring_saving_bytes_at_most", "ring_saving_fraction_of_total")},
+            }  # fmt: skip
+    return out
 
 
 def host_info() -> dict[str, Any]:
