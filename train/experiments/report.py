@@ -7,6 +7,7 @@ means per task × variant × sequence length, the parameter table) and PNG plots
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -369,6 +370,11 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     jobs = [r for r in runs if not isinstance(r, RunSpec)]
     runs = [r for r in runs if isinstance(r, RunSpec)]
+    selected = {r.task.name for r in runs}
+    if selected and selected != {t.name for t in spec.tasks}:  # `--tasks`: report the selected tasks only
+        spec = dataclasses.replace(spec, tasks=tuple(t for t in spec.tasks if t.name in selected))
+    if spec.upcycle is not None and not jobs:  # `--tasks` without `upcycle`
+        spec = dataclasses.replace(spec, upcycle=None)
     rows = collect(runs)
     aggs = aggregate(rows)
     paths = [out / "results.csv", out / "results.json", out / "summary.md"]

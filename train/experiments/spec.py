@@ -17,7 +17,8 @@ Schema (defaults in brackets)::
     shared: {...}                      # free-form, ignored: a place for YAML anchors (&attention)
     tasks:                             # name -> task
       <name>: {kind: mqar, seq_lens: [...], num_pairs: int | {seq_len: int} | null [= seq_len // 16],
-               num_keys [32], num_values [32], num_queries [= num_pairs]}
+               num_keys [32], num_values [32], num_queries [= num_pairs], min_pairs [null]: each training
+               row draws min_pairs..num_pairs pairs (uniform), held-out rows num_pairs}
       <name>: {kind: state_tracking, seq_lens: [...], group [S5]}
       <name>: {kind: recall_state, seq_lens: [...], num_pairs: int | {seq_len: int}, group [S3],
                num_keys [32], num_values [32], num_queries [= num_pairs]}   # the combined task
