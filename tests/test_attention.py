@@ -172,6 +172,40 @@ def test_splash_key_blocks_grow_at_long_context(monkeypatch):
     np.testing.assert_allclose(np.asarray(out), naive_attention(q, k, v, seg, seg, True), atol=3e-6, rtol=0)
 
 
+def test_cached_causal_mask_gives_splash_the_same_tables():
+    """The library's causal mask with cached chunks builds the same splash block tables (forward, dK/dV and
+    dQ; sequence split or not) as jax's own CausalMask, and every chunk it returns equals the mask's."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mi
+
+    for t, shards in ((2048, 4), (1024, 1)):
+        q_block, kv_block, block = attention.splash_blocks(t, shards)
+        sizes = sa.BlockSizes(
+            block_q=q_block, block_kv=kv_block, block_kv_compute=block, block_q_dkv=q_block,
+            block_kv_dkv=kv_block, block_kv_dkv_compute=block, block_q_dq=q_block, block_kv_dq=kv_block,
+        )  # fmt: skip
+        built = []
+        for mask in (sa.CausalMask((t, t)), attention._causal_mask_type()((t, t))):
+            mi._process_mask.cache_clear()
+            kernel = sa.make_splash_mha(
+                mask=sa.MultiHeadMask([mask] * 2), block_sizes=sizes, head_shards=1, q_seq_shards=shards
+            )
+            built.append([np.asarray(x) for x in jax.tree.leaves(kernel.tree_flatten()[0])])
+        mi._process_mask.cache_clear()
+        assert len(built[0]) == len(built[1]) and all(
+            np.array_equal(a, b) for a, b in zip(*built, strict=True)
+        )
+    mask = attention._causal_mask_type()((1024, 1024))
+    for idx in (
+        (slice(0, 128), slice(0, 256)),
+        (slice(512, 640), slice(256, 384)),
+        (slice(3, 900), slice(5, 6)),
+    ):
+        np.testing.assert_array_equal(
+            mask[idx], np.arange(1024)[idx[0], None] >= np.arange(1024)[None, idx[1]]
+        )
+
+
 def test_splash_under_mesh_uses_shard_map():
     b, t, h, g, d = 2, 128, 4, 2, 16
     q, k, v = _inputs(7, b, t, t, h, g, d)

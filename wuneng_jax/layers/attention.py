@@ -33,6 +33,7 @@ Implementations (``impl``):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -127,13 +128,57 @@ def splash_blocks(t: int, q_seq_shards: int = 1) -> tuple[int, int, int]:
     return q_block, kv_block, block
 
 
+class _Chunk(np.ndarray):
+    """A read-only mask chunk whose ``any()`` / ``all()`` (what splash's table builder asks) are precomputed."""
+
+    def any(self, *args, **kwargs):  # noqa: D102
+        known = self.__dict__.get("_any") if not args and not kwargs else None
+        return np.ndarray.any(self, *args, **kwargs) if known is None else known
+
+    def all(self, *args, **kwargs):  # noqa: D102
+        known = self.__dict__.get("_all") if not args and not kwargs else None
+        return np.ndarray.all(self, *args, **kwargs) if known is None else known
+
+
+@functools.lru_cache(maxsize=4096)
+def _causal_chunk(diagonal: int, rows: int, cols: int) -> np.ndarray:
+    base = (np.arange(rows)[:, None] + diagonal) >= np.arange(cols)[None, :]
+    out = base.view(_Chunk)
+    out._any, out._all = bool(base.any()), bool(base.all())
+    out.flags.writeable = False
+    return out
+
+
+@functools.cache
+def _causal_mask_type():
+    """``CausalMask`` whose chunks come from a cache keyed by their diagonal offset: splash builds its block
+    tables on the host by evaluating every (query block, key block) chunk of the ``T × T`` mask, which at
+    long context is hours of trace time (22 s at 32K, 81 s at 64K, quadratic); a causal chunk depends only on
+    ``q_start - kv_start`` and its size. The same chunks, so the same tables and program
+    (``tests/test_attention.py``)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sam
+
+    class CachedCausalMask(sam.CausalMask):
+        def __getitem__(self, idx):
+            plain = self.__dict__.get("_plain")
+            if plain is None:  # checked once: no offset, queries in order
+                plain = self.offset == 0 and np.array_equal(self.q_sequence, np.arange(self.shape[0]))
+                self._plain = plain
+            if plain and len(idx) == 2 and all(isinstance(i, slice) and (i.step or 1) == 1 for i in idx):
+                q, kv = (range(*i.indices(n)) for i, n in zip(idx, self.shape, strict=True))
+                return _causal_chunk(q.start - kv.start, len(q), len(kv))
+            return super().__getitem__(idx)
+
+    return CachedCausalMask
+
+
 def _splash_kernel(num_heads: int, t: int, causal: bool, interpret: bool, q_seq_shards: int = 1):
     """The splash kernel for ``num_heads`` heads over a length-``t`` self-attention; with ``q_seq_shards`` > 1
     its mask tables are cut into that many query blocks (one per device of the sequence split)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     q_block, kv_block, block = splash_blocks(t, q_seq_shards)
-    head_mask = sa.CausalMask((t, t)) if causal else sa.FullMask((t, t))
+    head_mask = _causal_mask_type()((t, t)) if causal else sa.FullMask((t, t))
     sizes = sa.BlockSizes(
         block_q=q_block,
         block_kv=kv_block,
