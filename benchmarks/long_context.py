@@ -631,7 +631,7 @@ def markdown(cache: Cache) -> str:
     pts = cache.data["points"]
     hbm = cache.data["usable_hbm"]
     lines = [
-        "| model | layout (v5p chips) | context T | tokens / chip | arguments | temporaries | total / chip | fits | compile | largest temporary |",
+        "| model | slice: layout | context T | tokens / chip | arguments | temporaries | total / chip | fits | compile | largest temporary |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = sorted(
@@ -639,7 +639,7 @@ def markdown(cache: Cache) -> str:
     )
     for e in order:
         m = e.get("memory") or {}
-        layout = f"fsdp={e['chips'] // e['sequence']} × sequence={e['sequence']}, {e['chips'] // e['sequence']} row(s)"
+        layout = f"fsdp={e['chips'] // e['sequence']} × sequence={e['sequence']}"
         if e["attention"] != "splash":
             layout += f", attention {e['attention']}"
         total = e.get("used_bytes")
@@ -656,7 +656,7 @@ def markdown(cache: Cache) -> str:
                 else " (SMEM)"
             )
         tmp = next((b for b in e.get("largest", []) if b["kind"] == "temporary"), None)
-        big = f"{tmp['nbytes'] / GIB:.2f} GiB `{tmp['shape']}` {_label(tmp['name'])}" if tmp else "—"
+        big = f"{tmp['nbytes'] / GIB:.2f} GiB `{tmp['shape']}`" if tmp else "—"
         lines.append(
             f"| {e['preset']} | {e['topology']}: {layout} | {fmt_tokens(e['seq_len'])} | {fmt_tokens(e['tokens_per_chip'])} "
             f"| {_gib(m.get('arguments'))} | {_gib(m.get('temporaries'))} | {_gib(total)} | {status} "
@@ -693,14 +693,6 @@ def _status_of(pts: dict[str, dict[str, Any]], preset: str, topo: str, s: int, t
 
 def _gib(n: int | None) -> str:
     return "—" if n is None else f"{n / GIB:.2f} GiB"
-
-
-def _label(name: str) -> str:
-    """``fusion.34 (body/jit(f)/dynamic_update_slice) [2 copies: ...]`` -> ``fusion.34 (…/dynamic_update_slice)``."""
-    name = re.sub(r" \[\d+ copies.*\]$", "", name)
-    head, _, op = name.partition(" ")
-    op = op.strip("()")
-    return f"`{head}` ({op.rsplit('/', 1)[-1]})" if op else f"`{head}`"
 
 
 def plot(cache: Cache, path: Path) -> None:
