@@ -14,9 +14,8 @@ and this layout on ``C`` chips (v5p:2x2x1: ``C = 4``):
 * ``sequence=1``: ``mesh.fsdp=C``, ``global_batch_size=C``: one whole row of ``T`` tokens per chip, the float32
   parameters, gradients and Adam moments sharded over the ``C`` chips (FSDP);
 * ``sequence=S>1``: ``mesh.fsdp=C/S mesh.sequence=S``, ``global_batch_size=C/S``: each row split over ``S``
-  chips (``T/S`` tokens per chip), the state sharded over ``fsdp × sequence`` (``rules.embed=[fsdp,
-  sequence]``: every chip holds ``1/C`` of it, as with ``sequence=1``; the default rules would replicate it
-  over the ``sequence`` axis).
+  chips (``T/S`` tokens per chip), the state sharded over ``fsdp × sequence`` (the default rules map ``embed`` to
+  both: every chip holds ``1/C`` of it, as with ``sequence=1``).
 
 Each point runs in a child process (``--one KEY``) with a wall-clock limit (``--timeout``), so a compile that
 takes too long or crashes is recorded as such and the loop goes on. Results are cached by key in
@@ -101,8 +100,6 @@ class Point:
             "mesh.fsdp": self.fsdp,
             "mesh.sequence": self.sequence,
         }
-        if self.sequence > 1:
-            out["rules.embed"] = ["fsdp", "sequence"]
         if self.attention != "splash":
             out["model.attention_impl"] = self.attention
         return out

@@ -76,7 +76,7 @@ def test_rules_to_specs():
     assert logical_to_spec(("activation_batch", "activation_length"), DEFAULT_RULES) == PartitionSpec(
         ("data", "fsdp"), "sequence"
     )
-    assert logical_to_spec(("embed", "mlp"), DEFAULT_RULES) == PartitionSpec("fsdp", "tensor")
+    assert logical_to_spec(("embed", "mlp"), DEFAULT_RULES) == PartitionSpec(("fsdp", "sequence"), "tensor")
     assert logical_to_spec(("norm",), DEFAULT_RULES) == PartitionSpec(None)
 
 
@@ -119,14 +119,16 @@ def test_sharded_init_places_every_parameter_by_the_rules():
     # (stacked layers: a leading, unsharded `layers` axis)
     assert mu["layers"]["blocks"][0][0]["mlp"]["up_proj"][
         "kernel"
-    ].get_value().sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    ].get_value().sharding.spec == PartitionSpec(None, ("fsdp", "sequence"), "tensor")
 
 
 def test_indivisible_parameter_and_batch_give_clear_errors():
     mesh = make_mesh(MeshConfig(data=1, fsdp=8))
     model_cfg = dataclasses.replace(load_model_config("qwen2_tiny"), hidden_size=36, num_heads=2, head_dim=18)
     tx, _ = make_optimizer(OptimizerConfig(), 10)
-    with pytest.raises(MeshError, match=r"parameter .*size 36.*not divisible by mesh axes \('fsdp',\)"):
+    with pytest.raises(
+        MeshError, match=r"parameter .*size 36.*not divisible by mesh axes \('fsdp', 'sequence'\)"
+    ):
         make_layout(lambda rngs: build_model(model_cfg, rngs=rngs), tx, mesh, DEFAULT_RULES, 0)
     with pytest.raises(MeshError, match="micro-batch of 4 rows"):
         check_batch_shape(8, 16, 2, mesh, DEFAULT_RULES)

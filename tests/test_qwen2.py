@@ -346,8 +346,9 @@ def test_golden_sharded_mesh(golden):
     with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
         _, model = load_qwen2(GOLDEN / "qwen2_tiny_untied")
         q = model.layers.view(0).self_attn.q_proj.kernel[...]
-        assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-        assert model.lm_head.kernel[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+        fsdp = ("fsdp", "sequence")  # the parameters' embed axis (sequence has size 1 here)
+        assert q.sharding.spec == jax.sharding.PartitionSpec(fsdp, "tensor")
+        assert model.lm_head.kernel[...].sharding.spec == jax.sharding.PartitionSpec(fsdp, "tensor")
         out = forward(model, tokens)
     assert maxabs(out, np.concatenate([golden["untied_logits_f32"]] * 2)) <= 3e-6 * 11
 

@@ -40,7 +40,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (ACT_KV_HEADS, "tensor"),
     (ACT_MLP, "tensor"),
     (ACT_VOCAB, "tensor"),
-    (EMBED, "fsdp"),
+    (EMBED, ("fsdp", "sequence")),  # parameters and optimizer state also over the sequence devices
     (VOCAB, "tensor"),
     (MLP, "tensor"),
     (HEADS, "tensor"),
