@@ -349,52 +349,6 @@ def ring_saving(kv: list[dict[str, Any]], sequence: int, total_bytes: int) -> di
 # Compiling one point (child process)
 
 
-def cache_causal_mask_blocks() -> None:
-    """Make splash's host-side mask preprocessing fast at long contexts, with the same result.
-
-    ``make_splash_mha`` walks every ``(q block, kv block)`` pair of the ``T × T`` mask in Python and evaluates
-    each ``512 × 512`` chunk (``CausalMask.__getitem__``, then ``.any()`` / ``.all()``): O((T/512)²) chunk
-    evaluations at trace time, 22 s at 32K and 81 s at 64K on this host, hours at 1M. A causal chunk
-    depends only on its diagonal offset ``q_start - kv_start`` (and its size), so this returns one cached,
-    read-only array per offset whose ``any()``/``all()`` are precomputed: the same chunks, hence the same mask
-    tables and the same compiled program, without the per-chunk work (the Python walk remains)."""
-    import functools
-
-    import numpy as np
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sam
-
-    class _Chunk(np.ndarray):
-        def any(self, *a, **k):  # noqa: D102
-            return self._any if not a and not k else np.ndarray.any(self, *a, **k)
-
-        def all(self, *a, **k):  # noqa: D102
-            return self._all if not a and not k else np.ndarray.all(self, *a, **k)
-
-    @functools.lru_cache(maxsize=8192)
-    def chunk(diag: int, rows: int, cols: int) -> np.ndarray:
-        base = (np.arange(rows)[:, None] + diag) >= np.arange(cols)[None, :]
-        out = base.view(_Chunk)
-        out._any, out._all = bool(base.any()), bool(base.all())
-        out.flags.writeable = False
-        return out
-
-    original = sam.CausalMask.__getitem__
-
-    def getitem(self, idx):
-        default = self.offset == 0 and getattr(self, "_default_q", None) is not False
-        if default and getattr(self, "_default_q", None) is None:
-            self._default_q = bool(np.array_equal(self.q_sequence, np.arange(self.shape[0])))
-            default = self._default_q
-        if not default or len(idx) != 2 or not all(isinstance(i, slice) for i in idx):
-            return original(self, idx)
-        q, kv = (sam._fill_slice(i, n) for i, n in zip(idx, self.shape, strict=True))
-        if (q.step or 1) != 1 or (kv.step or 1) != 1:
-            return original(self, idx)
-        return chunk(q.start - kv.start, q.stop - q.start, kv.stop - kv.start)
-
-    sam.CausalMask.__getitem__ = getitem
-
-
 def compile_one(point: Point, keep_dump: str | None = None) -> dict[str, Any]:
     from train.aot.compile import build_train, compile_train, platform_defaults
     from train.aot.memory import dumped_files
@@ -402,7 +356,6 @@ def compile_one(point: Point, keep_dump: str | None = None) -> dict[str, Any]:
     from train.config import load_config
 
     platform_defaults()
-    cache_causal_mask_blocks()
     raw: dict[str, Any] = {"run_dir": "unused", "data": {"store": "unused"}, "steps": 1000}
     overrides = [f"{k}={json.dumps(v)}" for k, v in point.overrides().items()]
     cfg = load_config(raw, overrides)
