@@ -329,9 +329,8 @@ def test_sharded_mesh_matches_single_device(qwen):
         _, model = upcycle_qwen2(qwen, QCFG, **HYBRID)
         a = model.layers.view(0).self_attn
         want = spmd.apply_rules(jax.sharding.PartitionSpec(S.EMBED, S.STATE_HEADS), S.DEFAULT_RULES)
-        assert (
-            a.r_proj[...].sharding.spec == want == jax.sharding.PartitionSpec(("fsdp", "sequence"), "tensor")
-        )
+        assert want == jax.sharding.PartitionSpec(("fsdp", "sequence"), "tensor")
+        assert a.r_proj[...].sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, want), 2)
         assert a.w2[...].sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
         out = nnx.jit(lambda m, t, s: m.forward_with_intermediates(t, s))(model, tok, seg)
     assert maxabs(out.logits, ref.logits) <= 2e-6 * np.abs(ref.logits).max()
