@@ -127,6 +127,19 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 # Named scopes for the Qwen2 modules (benchmark only: wraps methods, changes no numerics)
 
 
+def cost_meta(compiled: Any, t0: float) -> dict[str, float]:
+    """Compile seconds since ``t0`` and XLA's cost analysis (FLOPs, bytes, roofline seconds) of ``compiled``."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return {
+        "compile_s": round(time.perf_counter() - t0, 1),
+        "flops": float(cost.get("flops", 0.0)),
+        "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+        "optimal_seconds": float(cost.get("optimal_seconds", 0.0)),
+        "transcendentals": float(cost.get("transcendentals", 0.0)),
+    }
+
+
 @functools.cache
 def unroll_layer_stack() -> None:
     """Make the layer stack's ``lax.scan`` fully unrolled (benchmark only; see the module docstring)."""
@@ -568,14 +581,8 @@ def compile_family(family: str, layers: int, reuse: bool, variant: str = "") -> 
     report, compiled = compile_train(target, keep_dump=str(dump))
     if compiled is None:
         raise SystemExit(f"{family} {layers} layers: {report.status}: {report.error}")
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
     meta = {
-        "compile_s": round(time.perf_counter() - t0, 1),
-        "flops": float(cost.get("flops", 0.0)),
-        "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-        "optimal_seconds": float(cost.get("optimal_seconds", 0.0)),
-        "transcendentals": float(cost.get("transcendentals", 0.0)),
+        **cost_meta(compiled, t0),
         "temporaries": report.memory.temporaries if report.memory else None,
         "n_params": target.n_params,
     }
@@ -639,14 +646,8 @@ def compile_isolated(family: str, reuse: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     lowered = jax.jit(layer_grad).trace(params, rest, h, tokens).lower()
     compiled = lowered.compile(compiler_options={"xla_dump_to": str(dump), "xla_dump_hlo_as_text": True})
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
     meta = {
-        "compile_s": round(time.perf_counter() - t0, 1),
-        "flops": float(cost.get("flops", 0.0)),
-        "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-        "optimal_seconds": float(cost.get("optimal_seconds", 0.0)),
-        "transcendentals": float(cost.get("transcendentals", 0.0)),
+        **cost_meta(compiled, t0),
     }
     meta_path.write_text(json.dumps(meta))
     hlo = next(iter(sorted(dump.glob("*jit_layer_grad*.after_optimizations.txt"))))
