@@ -646,9 +646,7 @@ def compile_isolated(family: str, reuse: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     lowered = jax.jit(layer_grad).trace(params, rest, h, tokens).lower()
     compiled = lowered.compile(compiler_options={"xla_dump_to": str(dump), "xla_dump_hlo_as_text": True})
-    meta = {
-        **cost_meta(compiled, t0),
-    }
+    meta = cost_meta(compiled, t0)
     meta_path.write_text(json.dumps(meta))
     hlo = next(iter(sorted(dump.glob("*jit_layer_grad*.after_optimizations.txt"))))
     print(
