@@ -2,7 +2,8 @@
 families, on 8 CPU devices: 20 train steps (float32, Adam, the tiled loss) on packed rows whose documents
 cross the sequence blocks' boundaries, then the eval step. float32 training amplifies rounding, so the
 allowed drift is the one a plain re-sharding of the same run shows (``data=8`` vs ``data=2, fsdp=4``),
-measured here in the same test."""
+measured here in the same test, from the exact (float64) run of the same steps and from the batch-sharded
+float32 run."""
 
 from __future__ import annotations
 
@@ -63,49 +64,77 @@ def _batch(i: int) -> dict[str, np.ndarray]:
     }
 
 
-def _run(name: str, mesh_cfg: MeshConfig) -> tuple[np.ndarray, float, float]:
-    """The 20 train losses and the eval step's CE sum on a held-out batch before and after training."""
+def _config(name: str, **overrides):
     cfg = load_model_config(name)
-    overrides = {**SHRINK[name], "vocab_size": VOCAB}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if hasattr(cfg, k)})
-    build = lambda rngs: build_model(cfg, rngs=rngs)
+    overrides = {**SHRINK[name], "vocab_size": VOCAB, **overrides}
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if hasattr(cfg, k)})
+
+
+def _run(name: str, mesh_cfg: MeshConfig, exact: bool = False) -> tuple[np.ndarray, float, float]:
+    """The 20 train losses and the eval step's CE sum on a held-out batch before and after training.
+
+    ``exact``: the same run in float64 from the same (float32-initialised) state, the reference every float32
+    run's rounding drifts from."""
     tx, schedule = make_optimizer(OptimizerConfig(lr=3e-3, warmup_steps=2, weight_decay=0.1), STEPS)
     mesh = make_mesh(mesh_cfg, jax.devices()[:8])
+    cfg = _config(name)
+    build = lambda rngs: build_model(cfg, rngs=rngs)
     layout = make_layout(build, tx, mesh, RULES, seed=0)
     state = init_state(build, tx, mesh, RULES, 0, layout)
-    step = jit_train_step(
-        make_train_step(layout.graphdef, tx, schedule, rules=RULES, vocab_tile=32), layout, mesh, RULES
-    )
-    evaluate = jit_eval_step(make_eval_step(layout.graphdef, vocab_tile=32), layout, mesh, RULES)
-    losses = []
-    with mesh_context(mesh, RULES):
-        held_out = jax.device_put(_batch(STEPS), batch_sharding(mesh, RULES))
-        before = float(evaluate(state, held_out)["ce_sum"])
-        for i in range(STEPS):
-            state, m = step(state, jax.device_put(_batch(i), batch_sharding(mesh, RULES)))
-            losses.append(float(m["loss"]))
-        after = float(evaluate(state, held_out)["ce_sum"])
+    with jax.enable_x64(exact):
+        if exact:
+            cfg = _config(name, dtype="float64", param_dtype="float64")
+            host = jax.tree.map(np.asarray, state)
+            layout = make_layout(build, tx, mesh, RULES, seed=0)
+            state = jax.device_put(
+                jax.tree.map(lambda x, a: x.astype(a.dtype), host, layout.abstract), layout.shardings
+            )
+        step = jit_train_step(
+            make_train_step(layout.graphdef, tx, schedule, rules=RULES, vocab_tile=32), layout, mesh, RULES
+        )
+        evaluate = jit_eval_step(make_eval_step(layout.graphdef, vocab_tile=32), layout, mesh, RULES)
+        losses = []
+        with mesh_context(mesh, RULES):
+            held_out = jax.device_put(_batch(STEPS), batch_sharding(mesh, RULES))
+            before = float(evaluate(state, held_out)["ce_sum"])
+            for i in range(STEPS):
+                state, m = step(state, jax.device_put(_batch(i), batch_sharding(mesh, RULES)))
+                losses.append(float(m["loss"]))
+            after = float(evaluate(state, held_out)["ce_sum"])
     return np.asarray(losses), before, after
 
 
 @pytest.mark.parametrize("name", ["qwen2_tiny", "rwkv7_tiny", "wuneng_tiny"])
 def test_training_with_the_sequence_split_stays_within_the_resharding_drift(name):
     runs = {k: _run(name, m) for k, m in MESHES.items()}
+    exact = _run(name, MESHES["batch"], exact=True)[0]
     ref_losses, ref_before, ref_after = runs["batch"]
     losses, before, after = runs["sequence"]
     assert np.all(np.isfinite(ref_losses)) and ref_losses[-1] < ref_losses[0] - 0.1  # it trains
     # the same parameters (step 0): the eval step and the first loss agree to float32 rounding
     assert abs(before - ref_before) <= 1e-5 * abs(ref_before), (before, ref_before)
     assert abs(losses[0] - ref_losses[0]) <= 1e-5 * abs(ref_losses[0])
-    # training: within the drift of a plain re-sharding (never below the loss's float32 resolution)
+    resolution = 4 * np.finfo(np.float32).eps * float(np.max(ref_losses))
+    # (1) from the exact (float64) run: the sequence split's float32 training drifts no further than the
+    # batch-sharded run's and a plain re-sharding's own float32 rounding does
+    own = max(np.max(np.abs(runs[k][0] - exact)) for k in ("batch", "reshard"))
+    from_exact = np.max(np.abs(losses - exact))
+    # (2) from the batch-sharded float32 run: within the drift of a plain re-sharding of it
     floor = np.max(np.abs(runs["reshard"][0] - ref_losses))
     drift = np.max(np.abs(losses - ref_losses))
-    print(f"{name}: re-sharding drift {floor:.2e}, sequence-split drift {drift:.2e} over {STEPS} steps")
-    # WuNeng's training amplifies float-order differences far more than its parents' (from the same step-0
-    # gradients, <= 1e-5 apart): measured 3.1e-4 against a re-sharding floor of 7.2e-5 (4.2x); qwen2 and rwkv7
-    # stay within 2x. The factor for wuneng is that measurement's, not the issue's 2x (open: the sensitivity).
+    print(
+        f"{name} over {STEPS} steps: from float64 — batch {np.max(np.abs(ref_losses - exact)):.2e}, "
+        f"re-sharded {np.max(np.abs(runs['reshard'][0] - exact)):.2e}, sequence split {from_exact:.2e}; "
+        f"from the batch run — re-sharded {floor:.2e}, sequence split {drift:.2e}"
+    )
+    assert from_exact <= 2 * max(own, resolution), (from_exact, own)
+    # WuNeng's full fusion at this lr amplifies any change of float order ~3x per step (a plain re-sharding's
+    # 1e-7 gradient difference grows to 7e-5 in loss), and the sequence split changes the order of the forward
+    # itself (chunks, attention blocks: gradients 1.6e-6 apart, as far from float64 as the unsplit path's);
+    # so two float32 runs differ by 4x the re-sharding floor while both stay as close to float64 as the batch
+    # run (1). qwen2 and rwkv7 stay within 2x of the floor here too.
     factor = 8 if name == "wuneng_tiny" else 2
-    allowed = factor * max(floor, 4 * np.finfo(np.float32).eps * float(np.max(ref_losses)))
+    allowed = factor * max(floor, resolution)
     assert drift <= allowed, (drift, floor)
     tokens = B * T  # the eval after training, per token, within the same allowance
     assert abs(after - ref_after) / tokens <= allowed + abs(runs["reshard"][2] - ref_after) / tokens
