@@ -349,6 +349,31 @@ def ring_saving(kv: list[dict[str, Any]], sequence: int, total_bytes: int) -> di
 # Compiling one point (child process)
 
 
+def predicted_speed(hlo_text: str, target: Any, chip: Any, point: Point) -> dict[str, Any]:
+    """The roofline estimate of the compiled step (``benchmarks/roofline.py``): step time, tokens/s per chip,
+    MFU; the compiler's estimates, not measurements."""
+    from benchmarks.roofline import predict, speed
+    from train.metrics import flops_dims, flops_per_token
+
+    dims = flops_dims(target.model_cfg, target.n_params)
+    per_token = flops_per_token(dims, point.seq_len)
+    attention = 8.0 * dims.attn_layers * dims.attn_heads * dims.attn_head_dim * point.seq_len
+    roofline = predict(
+        hlo_text,
+        peak_flops=chip.peak_flops,
+        hbm_bandwidth=chip.hbm_bandwidth,
+        ici_bandwidth=chip.ici_bandwidth,
+        attention_flops=attention * point.tokens_per_chip,
+    )
+    fast = speed(
+        roofline,
+        model_flops_per_token=per_token["total"],
+        tokens_per_chip=point.tokens_per_chip,
+        peak_flops=chip.peak_flops,
+    )
+    return {**roofline, **fast, "model_flops_per_token": per_token["total"]}
+
+
 def compile_one(point: Point, keep_dump: str | None = None) -> dict[str, Any]:
     from train.aot.compile import build_train, compile_train, platform_defaults
     from train.aot.memory import dumped_files
@@ -367,9 +392,13 @@ def compile_one(point: Point, keep_dump: str | None = None) -> dict[str, Any]:
     try:
         report, _ = compile_train(target, keep_dump=dump)
         colls: list[dict[str, Any]] = []
+        predicted = None
         hlo = dumped_files(dump, "after_optimizations.txt")
         if hlo:
-            colls = collectives(Path(hlo[-1]).read_text(errors="replace"))
+            hlo_text = Path(hlo[-1]).read_text(errors="replace")
+            colls = collectives(hlo_text)
+            if report.status == "fits":
+                predicted = predicted_speed(hlo_text, target, topo.chip, point)
         reports = dumped_files(dump, "memory-usage-report.txt")
         report_text = Path(reports[-1]).read_text(errors="replace") if reports else ""
         heap, heap_bytes = heap_allocations(report_text), heap_total(report_text)
@@ -398,6 +427,7 @@ def compile_one(point: Point, keep_dump: str | None = None) -> dict[str, Any]:
         "collectives": sorted(colls, key=lambda c: -c["bytes"])[:40],
         "heap_allocations": heap,
         "hbm_heap_bytes": heap_bytes,
+        "predicted": predicted,
         "command": point.command(),
     }
     mc = target.model_cfg

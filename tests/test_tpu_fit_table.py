@@ -1,5 +1,5 @@
-"""benchmarks/tpu_fit_table.py's search over slices, on a hand-made cache (no compiles): the derivation
-formula, full-depth compiles replacing derivations, and WuNeng cells anchored on their qwen2 twin's compile."""
+"""benchmarks/tpu_fit_table.py's walk over slices with faked compiles (no libtpu): the state-alone skip, the
+compiler's verdicts in order until one fits, the cache, failed compiles, and the two markdown tables."""
 
 from __future__ import annotations
 
@@ -10,60 +10,72 @@ import pytest
 from benchmarks import tpu_fit_table as ft
 
 T = 8192
-FACTS = ft.Facts(n_params=10**9, layers=4, layer_params=10**8, hidden=1000)
 HBM = 16 * 10**9
-CALIB = {"qwen2.5-7b": 5 * 10**9, "wuneng-7b": 5 * 10**9 + 5 * 10**8}
+ARGS = argparse.Namespace(timeout=60.0, redo=False, skip_failed=False)
 
 
-def _derived(preset: str, chips: int) -> float:
-    """The docstring's accounting, written out: 2 calibrated layers on 4 chips, 2 more layers, state rescaled."""
-    per_layer = 16 * FACTS.layer_params / 4 + 4 * T * FACTS.hidden
-    return CALIB[preset] + 2 * per_layer - 16 * FACTS.n_params / 4 + 16 * FACTS.n_params / chips
+def _entry(point, status, used, tokens_s=None):
+    e = {"key": point.key, "topology": point.topology, "status": status, "used_bytes": used, "compile_s": 1.0}
+    e["largest"] = [{"kind": "temporary", "name": "x", "shape": "f32[1]", "nbytes": 3 * 2**20}]
+    if tokens_s:
+        e["predicted"] = {"step_s": T / tokens_s, "tokens_per_s_per_chip": tokens_s, "mfu": 0.4}
+    return e
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(ft, "model_facts", lambda preset: FACTS)
-    c = ft.Cache(tmp_path / "table.json")
-    c.data["usable_hbm"]["v5e"] = HBM
-    for preset, used in CALIB.items():
-        c.data["compiles"][f"{preset}|{T}|v5p:2x2x1|2"] = {"status": "fits", "used_bytes": used}
-    return c
-
-
-ARGS = argparse.Namespace(calib_topology="v5p:2x2x1", calib_layers=2, full=False, margin=0.05)
-
-
-def _search(cache, family: str, preset: str) -> dict:
-    return ft.search(cache, ARGS, "Qwen2.5-7B", family, preset, T, "v5e")
-
-
-def test_derivation_picks_the_smallest_slice(cache):
-    row = _search(cache, "qwen2", "qwen2.5-7b")
-    first, second = row["tried"][:2]
-    assert first["topology"] == "v5e:1x1" and not first["fits"]
-    assert first["used"] == pytest.approx(_derived("qwen2.5-7b", 1))
-    assert row["answer"]["topology"] == "v5e:2x2" and row["answer"]["how"] == "derived"
-    assert second["used"] == pytest.approx(_derived("qwen2.5-7b", 4))
-    assert _search(cache, "wuneng", "wuneng-7b")["answer"]["topology"] == "v5e:2x2"
-
-
-def test_full_compiles_replace_derivations_and_anchor_wuneng(cache):
-    # the qwen2 program compiled at full depth on v5e:2x2 needs 17 GB: it does not fit there
-    cache.data["compiles"][f"qwen2.5-7b|{T}|v5e:2x2|full"] = {
-        "status": "does not fit",
-        "used_bytes": 17 * 10**9,
+def fake(tmp_path, monkeypatch):
+    verdicts = {  # (preset, topology) -> (status, bytes, tokens/s per chip)
+        ("qwen2.5-7b", "v5e:2x2"): ("does not fit", 17 * 10**9, None),
+        ("qwen2.5-7b", "v5e:2x4"): ("fits", 12 * 10**9, 1000.0),
+        ("wuneng-7b", "v5e:2x2"): ("does not fit", 18 * 10**9, None),
+        ("wuneng-7b", "v5e:2x4"): ("timeout", None, None),
     }
-    q = _search(cache, "qwen2", "qwen2.5-7b")
-    assert q["tried"][1] == {"topology": "v5e:2x2", "fits": False, "used": 17 * 10**9, "how": "compiled"}
-    assert q["answer"]["topology"] == "v5e:2x4"
-    w = _search(cache, "wuneng", "wuneng-7b")
-    anchored = w["tried"][1]
-    assert anchored["how"] == "derived from the qwen2 compile" and not anchored["fits"]
-    assert anchored["used"] == pytest.approx(
-        17 * 10**9 + 5 * 10**8
-    )  # + the derived WuNeng - qwen2 difference
-    assert w["answer"]["topology"] == "v5e:2x4"
-    cache.data["table"] = [{**q, "shape": "Qwen2.5-7B"}, w]
-    table = ft.markdown(cache)
-    assert "(v5e:2x2: does not fit, 15.83 GiB compiled)" in table
+    calls = []
+
+    def run_point(point, timeout, keep_dump):
+        calls.append(point.key)
+        return _entry(point, *verdicts[(point.preset, point.topology)])
+
+    monkeypatch.setattr(ft, "run_point", run_point)
+    monkeypatch.setattr(ft, "n_params", lambda preset: 2 * 10**9)  # 24 GB of state: more than one chip's HBM
+    cache = ft.Cache(tmp_path / "table.json")
+    cache.data["usable_hbm"]["v5e"] = HBM
+    return cache, verdicts, calls
+
+
+def test_the_walk_compiles_each_slice_until_one_fits(fake):
+    cache, _, calls = fake
+    row = ft.search(cache, ARGS, "qwen2.5-7b", T, "v5e")
+    assert [(t["topology"], t["status"]) for t in row["tried"]] == [
+        ("v5e:1x1", "state alone exceeds the HBM"),
+        ("v5e:2x2", "does not fit"),
+        ("v5e:2x4", "fits"),
+    ]
+    assert [k.split("|")[1] for k in calls] == ["v5e:2x2", "v5e:2x4"]
+    assert ft.fitting(cache, row)["used_bytes"] == 12 * 10**9
+    ft.search(cache, ARGS, "qwen2.5-7b", T, "v5e")  # cached: no new compile
+    assert len(calls) == 2
+
+
+def test_a_failed_compile_stops_the_walk_and_is_retried(fake):
+    cache, verdicts, calls = fake
+    row = ft.search(cache, ARGS, "wuneng-7b", T, "v5e")
+    assert row["tried"][-1]["status"] == "timeout" and ft.fitting(cache, row) is None
+    skip = argparse.Namespace(**{**vars(ARGS), "skip_failed": True})
+    ft.search(cache, skip, "wuneng-7b", T, "v5e")
+    assert len(calls) == 2  # kept
+    verdicts[("wuneng-7b", "v5e:2x4")] = ("fits", 13 * 10**9, 800.0)
+    row = ft.search(cache, ARGS, "wuneng-7b", T, "v5e")
+    assert len(calls) == 3 and ft.fitting(cache, row)["used_bytes"] == 13 * 10**9
+
+
+def test_markdown_tables(fake):
+    cache, verdicts, _ = fake
+    verdicts[("wuneng-7b", "v5e:2x4")] = ("fits", 13 * 10**9, 800.0)
+    cache.data["table"] = [ft.search(cache, ARGS, p, T, "v5e") for p in ("qwen2.5-7b", "wuneng-7b")]
+    text = ft.markdown(cache)
+    assert (
+        "| Qwen2.5-7B | qwen2 | 8192 | **v5e:2x4** 11.18 GiB, largest 3 MiB; v5e:2x2: does not fit (15.83 GiB) |"
+        in text
+    )
+    assert f"| Qwen2.5-7B | wuneng | 8192 | {T / 800:.2f} · 800 · 40 % · **1.25× qwen2** |" in text

@@ -38,6 +38,9 @@ class Chip:
     95 GB). The TPU compiler lets one program use a little less: 15.75, 95.74 and 31.25 GiB (its own
     out-of-memory messages, ``benchmarks/results/tpu_fit_table.json``);
     ``peak_flops``: dense bf16 peak FLOP/s per chip (the same table as ``train.metrics.PEAK_FLOPS``);
+    ``hbm_bandwidth``, ``ici_bandwidth``: HBM and inter-chip interconnect bytes/s per chip (Cloud TPU's published
+    figures: v5e 819 GB/s and 1,600 Gbps, v5p 2,765 GB/s and 4,800 Gbps, v6e 1,640 GB/s and 3,584 Gbps), for
+    the roofline estimates of ``benchmarks/roofline.py``;
     ``dims``: 2 (v5e, v6e: ``AxB``) or 3 (v5p: ``AxBxC``); ``slices``: the standard slice shapes, smallest
     first (the ones ``wuneng compile`` suggests and the fit table searches).
     """
@@ -45,6 +48,8 @@ class Chip:
     name: str
     hbm_bytes: int
     peak_flops: float
+    hbm_bandwidth: float
+    ici_bandwidth: float
     dims: int
     slices: tuple[str, ...]
     accelerator_type: str  # a valid TPU_ACCELERATOR_TYPE for this generation (quiets libtpu's start-up)
@@ -54,9 +59,9 @@ _SLICES_2D = ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
 _SLICES_3D = ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16", "8x16x16")
 
 CHIPS: dict[str, Chip] = {
-    "v5e": Chip("v5e", 16 * GIB, 197e12, 2, _SLICES_2D, "v5litepod-4"),
-    "v5p": Chip("v5p", 96 * GIB, 459e12, 3, _SLICES_3D, "v5p-8"),
-    "v6e": Chip("v6e", 32 * GIB, 918e12, 2, _SLICES_2D, "v6e-4"),
+    "v5e": Chip("v5e", 16 * GIB, 197e12, 819e9, 1600e9 / 8, 2, _SLICES_2D, "v5litepod-4"),
+    "v5p": Chip("v5p", 96 * GIB, 459e12, 2765e9, 4800e9 / 8, 3, _SLICES_3D, "v5p-8"),
+    "v6e": Chip("v6e", 32 * GIB, 918e12, 1640e9, 3584e9 / 8, 2, _SLICES_2D, "v6e-4"),
 }
 ALIASES: dict[str, str] = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "trillium": "v6e"}
 

@@ -1,0 +1,59 @@
+"""benchmarks/roofline.py on a hand-written optimized-HLO module: loop trips, declared and undeclared Pallas
+kernel costs, collectives over ICI, and the speed/MFU arithmetic (expected values written out by hand)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.roofline import predict, speed
+
+F32 = 128 * 128 * 4  # bytes of an f32[128,128]
+HLO = """HloModule m, entry_computation_layout={(f32[128,128]{1,0})->f32[128,128]{1,0}}
+
+%body (p: (s32[], f32[128,128])) -> (s32[], f32[128,128]) {
+  %p = (s32[], f32[128,128]{1,0}) parameter(0)
+  %x = f32[128,128]{1,0} get-tuple-element(%p), index=1
+  %d = f32[128,128]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[128,128]{1,0}) tuple(%i, %d)
+}
+
+%cond (q: (s32[], f32[128,128])) -> pred[] {
+  %q = (s32[], f32[128,128]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %n = s32[] constant(5)
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+ENTRY %main (a: f32[128,128]) -> f32[128,128] {
+  %a = f32[128,128]{1,0} parameter(0)
+  %g = f32[256,128]{1,0} all-gather(%a), dimensions={0}
+  %k = f32[128,128]{1,0} custom-call(%a), custom_call_target="tpu_custom_call", backend_config={"custom_call_config":{"body":"x","cost_estimate":{"flops":"1000000","transcendentals":"0","bytes_accessed":"99999999"}}}
+  %s = f32[128,128]{1,0} custom-call(%a), custom_call_target="tpu_custom_call", backend_config={"custom_call_config":{"body":"y"}}
+  %c = s32[] constant(0)
+  %tu = (s32[], f32[128,128]{1,0}) tuple(%c, %a)
+  %w = (s32[], f32[128,128]{1,0}) while(%tu), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %r = f32[128,128]{1,0} get-tuple-element(%w), index=1
+}
+"""
+CHIP = dict(peak_flops=1e12, hbm_bandwidth=1e9, ici_bandwidth=1e8)
+
+
+def test_every_loop_trip_kernel_and_collective_is_costed():
+    r = predict(HLO, **CHIP, attention_flops=1e9)
+    dot = max(2 * 128**3 / 1e12, 3 * F32 / 1e9)  # two operands + result, memory-bound at these rates
+    declared = max(1e6 / 1e12, 99999999 / 1e9)  # the kernel's own estimate (its bytes exceed its operands)
+    undeclared = max(2 * F32 / 1e9, 1e9 / 1e12)  # operand + result vs the attention FLOPs
+    gather = 256 * 128 * 4 / 1e8
+    assert r["ops_s"] == pytest.approx(5 * dot + declared)
+    assert r["uncosted_kernels_s"] == pytest.approx(undeclared)
+    assert r["ici_s"] == pytest.approx(gather)
+    assert r["step_s"] == pytest.approx(5 * dot + declared + undeclared + gather)
+    assert r["flops"] == pytest.approx(5 * 2 * 128**3 + 1e6 + 1e9)
+    assert (r["declared_kernels"], r["uncosted_kernels"]) == (1, 1)
+
+
+def test_speed_and_mfu():
+    s = speed({"step_s": 2.0}, model_flops_per_token=6e9, tokens_per_chip=4096, peak_flops=1e14)
+    assert s["tokens_per_s_per_chip"] == pytest.approx(2048)
+    assert s["mfu"] == pytest.approx(6e9 * 4096 / (1e14 * 2.0))
