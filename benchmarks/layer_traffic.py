@@ -51,11 +51,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from train.aot.compile import platform_defaults  # noqa: E402
+from train.aot.topology import CHIPS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "layer_traffic.json"
 DUMPS = Path("/tmp/wuneng_layer_traffic")
 PRESETS = {"qwen2": "qwen2.5-0.5b", "wuneng": "wuneng-0.5b"}
-CHIP = {"v5p": (459e12, 2.765e12)}  # dense bf16 FLOP/s, HBM bytes/s per chip
 
 # Named scopes, innermost wins. The Qwen2 ones are added by scope_qwen2_modules(); the WuNeng ones live in
 # wuneng_jax/models/wuneng_layer.py.
@@ -720,7 +720,7 @@ def compile_components() -> dict[str, dict[str, float]]:
 
 
 def seconds(cost: Cost, chip: str = "v5p") -> float:
-    peak, bw = CHIP[chip]
+    peak, bw = CHIPS[chip].peak_flops, CHIPS[chip].hbm_bandwidth
     return max(cost.flops / peak, cost.bytes / bw)
 
 
@@ -796,7 +796,10 @@ def main(argv: list[str] | None = None) -> int:
             "mesh": "data=1 fsdp=4",
             "depths": depth_of,
             "variant": args.variant,
-            "chip_roofline": {"peak_flops": CHIP["v5p"][0], "hbm_bytes_per_s": CHIP["v5p"][1]},
+            "chip_roofline": {
+                "peak_flops": CHIPS["v5p"].peak_flops,
+                "hbm_bytes_per_s": CHIPS["v5p"].hbm_bandwidth,
+            },
         },
         "families": {},
     }
