@@ -160,8 +160,9 @@ def first_failure(
 class Progress:
     """``[i/n] elapsed, rate, ETA`` for a loop of slow steps (cached steps count as done at once)."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, note: str = "", unit: str = "compiles"):
         self.total, self.done, self.timed, self.seconds = total, 0, 0, 0.0
+        self.note, self.unit = note, unit
         self.t0 = time.perf_counter()
 
     def step(self, seconds: float | None) -> str:
@@ -172,8 +173,8 @@ class Progress:
         left = self.total - self.done
         per = self.seconds / self.timed if self.timed else None
         eta = "n/a" if per is None else _fmt_s(per * left)
-        rate = "n/a" if per is None else f"{60 / per:.2f} compiles/min"
-        return f"[{self.done}/{self.total}] elapsed {_fmt_s(time.perf_counter() - self.t0)}, {rate}, ETA {eta} (upper bound: points past the first failure are skipped)"
+        rate = "n/a" if per is None else f"{60 / per:.2f} {self.unit}/min"
+        return f"[{self.done}/{self.total}] elapsed {_fmt_s(time.perf_counter() - self.t0)}, {rate}, ETA {eta}{self.note}"
 
 
 def _fmt_s(s: float) -> str:
@@ -577,7 +578,7 @@ def loop(cache: Cache, args: argparse.Namespace) -> None:
         for s in args.sequence:
             attn = "splash" if s == 1 else args.seq_attention
             plan.append([Point(preset, args.topology, chips, t, s, attn) for t in args.contexts])
-    prog = Progress(sum(len(p) for p in plan))
+    prog = Progress(sum(len(p) for p in plan), " (upper bound: points past the first failure are skipped)")
     for series in plan:
         stop = False
         for point in series:

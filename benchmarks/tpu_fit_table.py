@@ -1,4 +1,4 @@
-"""Which TPU slice does the train step fit on, and how fast would it run there? Qwen2.5-1.5B / 7B shapes as
+"""Which TPU slice does the train step fit on, and how fast would it run there? Qwen2.5-0.5B / 1.5B / 7B shapes as
 ``qwen2`` and ``wuneng``, sequence 4096 / 8192 / 32768, v5e / v5p / v6e: every cell a full-depth compile.
 
     python3 benchmarks/tpu_fit_table.py                                  # every cell (resumable, cached)
@@ -40,6 +40,8 @@ from benchmarks.long_context import GIB, Point, Progress, chips_of, host_info, r
 
 RESULTS = ROOT / "benchmarks" / "results" / "tpu_fit_table.json"
 CASES = (  # (shape, family, preset)
+    ("Qwen2.5-0.5B", "qwen2", "qwen2.5-0.5b"),
+    ("Qwen2.5-0.5B", "wuneng", "wuneng-0.5b"),
     ("Qwen2.5-1.5B", "qwen2", "qwen2.5-1.5b"),
     ("Qwen2.5-1.5B", "wuneng", "wuneng-1.5b"),
     ("Qwen2.5-7B", "qwen2", "qwen2.5-7b"),
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         for _, _, preset in CASES
         if preset in args.presets
     ]
-    prog = Progress(len(cells))
+    prog = Progress(len(cells), unit="cells")
     for preset, seq, gen in cells:
         print(f"{preset} T={seq} {gen}:", flush=True)
         before = sum(e.get("compile_s") or 0 for e in cache.data["compiles"].values())
