@@ -521,8 +521,23 @@ def host_info() -> dict[str, Any]:
     return info
 
 
+def verdict(entry: dict[str, Any]) -> str:
+    """``fits, 8.02 GiB/chip, 51.1 s`` for a log line."""
+    used = entry.get("used_bytes")
+    return (
+        f"{entry['status']}, {used / GIB if used else float('nan'):.2f} GiB/chip, {entry.get('compile_s')} s"
+    )
+
+
 def run_point(point: Point, timeout: float, keep_dump: str | None) -> dict[str, Any]:
-    """Compile ``point`` in a child process (wall-clock limit ``timeout``); the entry, or a timeout/crash entry."""
+    """Compile ``point`` in a child process (wall-clock limit ``timeout``); the entry (dated), or a timeout/crash
+    entry."""
+    entry = _run_child(point, timeout, keep_dump)
+    entry["date"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    return entry
+
+
+def _run_child(point: Point, timeout: float, keep_dump: str | None) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as f:
         out = f.name
     cmd = [sys.executable, __file__, "--one", point.key, "--chips", str(point.chips), "--one-out", out]
@@ -594,16 +609,10 @@ def loop(cache: Cache, args: argparse.Namespace) -> None:
                 continue
             print(f"  compiling {point.key} ({point.tokens_per_chip} tokens per chip) ...", flush=True)
             entry = run_point(point, args.timeout, args.keep_dump)
-            entry["date"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
             cache.data["points"][point.key] = entry
             usable_hbm(cache, point.topology)
             cache.save()
-            used = entry.get("used_bytes")
-            print(
-                f"{prog.step(entry['compile_s'])}  {point.key}: {entry['status']}, "
-                f"{used / GIB if used else float('nan'):.2f} GiB/chip, {entry['compile_s']} s",
-                flush=True,
-            )
+            print(f"{prog.step(entry['compile_s'])}  {point.key}: {verdict(entry)}", flush=True)
             if entry["status"] != "fits":
                 stop = True
 

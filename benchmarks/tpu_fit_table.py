@@ -25,7 +25,6 @@ bandwidth; estimates, not measurements). Results: ``benchmarks/results/tpu_fit_t
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.long_context import GIB, Point, Progress, chips_of, host_info, run_point  # noqa: E402
+from benchmarks.long_context import GIB, Point, Progress, chips_of, host_info, run_point, verdict  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "tpu_fit_table.json"
 CASES = (  # (shape, family, preset)
@@ -134,15 +133,9 @@ def search(cache: Cache, args: argparse.Namespace, preset: str, seq_len: int, ge
         if entry is None or args.redo or (entry["status"] in ("timeout", "crashed") and not args.skip_failed):
             print(f"  compiling {point.key} ...", flush=True)
             entry = run_point(point, args.timeout, None)
-            entry["date"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
             cache.data["compiles"][point.key] = entry
             cache.save()
-        used = entry.get("used_bytes")
-        print(
-            f"    {point.topology}: {entry['status']}, {used / GIB if used else float('nan'):.2f} GiB/chip, "
-            f"{entry.get('compile_s')} s",
-            flush=True,
-        )
+        print(f"    {point.topology}: {verdict(entry)}", flush=True)
         tried.append({"topology": point.topology, "key": point.key, "status": entry["status"]})
         if entry["status"] != "does not fit":
             break  # fits, or a compile that timed out / crashed: no verdict above it
