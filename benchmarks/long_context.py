@@ -377,7 +377,7 @@ def predicted_speed(hlo_text: str, target: Any, chip: Any, point: Point) -> dict
 
 def compile_one(point: Point, keep_dump: str | None = None) -> dict[str, Any]:
     from train.aot.compile import build_train, compile_train, platform_defaults
-    from train.aot.memory import dumped_files
+    from train.aot.memory import dumped_files, largest_temporaries
     from train.aot.topology import parse_topology
     from train.config import load_config
 
@@ -400,6 +400,7 @@ def compile_one(point: Point, keep_dump: str | None = None) -> dict[str, Any]:
             colls = collectives(hlo_text)
             if report.status == "fits":
                 predicted = predicted_speed(hlo_text, target, topo.chip, point)
+        temporaries = [dataclasses.asdict(b) for b in largest_temporaries(dump, 3)]
         reports = dumped_files(dump, "memory-usage-report.txt")
         report_text = Path(reports[-1]).read_text(errors="replace") if reports else ""
         heap, heap_bytes = heap_allocations(report_text), heap_total(report_text)
@@ -424,6 +425,7 @@ def compile_one(point: Point, keep_dump: str | None = None) -> dict[str, Any]:
         "compile_s": round(report.compile_s, 1),
         "build_s": round(build_s, 1),
         "largest": [dataclasses.asdict(b) for b in report.largest[:6]],
+        "largest_temporaries": temporaries,
         "error": (report.error or "")[:1500] or None,
         "collectives": sorted(colls, key=lambda c: -c["bytes"])[:40],
         "heap_allocations": heap,

@@ -154,9 +154,13 @@ def _gib(n: float | None) -> str:
 
 
 def _largest(entry: dict[str, Any]) -> str:
+    """The largest buffer (a parameter or moment shard: an argument) and the largest temporary."""
     big = (entry.get("largest") or [{}])[0]
-    size = big.get("nbytes")
-    return f"largest {size / 2**20:,.0f} MiB" if size else ""
+    out = f"largest {big['nbytes'] / 2**20:,.0f} MiB ({big['kind']})" if big.get("nbytes") else ""
+    temp = (entry.get("largest_temporaries") or [{}])[0]
+    if temp.get("nbytes") and temp is not big:
+        out += f", temporary {temp['nbytes'] / 2**20:,.0f} MiB"
+    return out
 
 
 def markdown(cache: Cache) -> str:

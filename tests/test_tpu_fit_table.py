@@ -16,7 +16,8 @@ ARGS = argparse.Namespace(timeout=60.0, redo=False, skip_failed=False)
 
 def _entry(point, status, used, tokens_s=None):
     e = {"key": point.key, "topology": point.topology, "status": status, "used_bytes": used, "compile_s": 1.0}
-    e["largest"] = [{"kind": "temporary", "name": "x", "shape": "f32[1]", "nbytes": 3 * 2**20}]
+    e["largest"] = [{"kind": "argument", "name": "w", "shape": "f32[1]", "nbytes": 3 * 2**20}]
+    e["largest_temporaries"] = [{"kind": "temporary", "name": "x", "shape": "f32[1]", "nbytes": 2**20}]
     if tokens_s:
         e["predicted"] = {"step_s": T / tokens_s, "tokens_per_s_per_chip": tokens_s, "mfu": 0.4}
     return e
@@ -75,7 +76,7 @@ def test_markdown_tables(fake):
     cache.data["table"] = [ft.search(cache, ARGS, p, T, "v5e") for p in ("qwen2.5-7b", "wuneng-7b")]
     text = ft.markdown(cache)
     assert (
-        "| Qwen2.5-7B | qwen2 | 8192 | **v5e:2x4** 11.18 GiB, largest 3 MiB; v5e:2x2: does not fit (15.83 GiB) |"
+        "| Qwen2.5-7B | qwen2 | 8192 | **v5e:2x4** 11.18 GiB, largest 3 MiB (argument), temporary 1 MiB; v5e:2x2: does not fit (15.83 GiB) |"
         in text
     )
     assert f"| Qwen2.5-7B | wuneng | 8192 | {T / 800:.2f} · 800 · 40 % · **1.25× qwen2** |" in text
