@@ -78,6 +78,9 @@ def test_slices_are_tpu_devices_while_the_backend_stays_cpu():
     }
     assert kinds == {"v5e:2x2": {"TPU v5 lite"}, "v5p:2x2x1": {"TPU v5"}, "v6e:2x2": {"TPU v6 lite"}}
     assert len(topology_devices("v5e:4x4")) == 16
+    # one chip: libtpu's default 2x2x1-chip host does not divide it (it refused v6e:1x1 before)
+    assert [d.device_kind for d in topology_devices("v6e:1x1")] == ["TPU v6 lite"]
+    assert [d.device_kind for d in topology_devices("v5e:1x1")] == ["TPU v5 lite"]
     assert jax.default_backend() == "cpu"
 
 

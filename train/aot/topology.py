@@ -144,10 +144,12 @@ def libtpu_version() -> str | None:
 
 
 @functools.cache
-def _devices(name: str) -> tuple[Any, ...]:
+def _devices(name: str, num_chips: int) -> tuple[Any, ...]:
     from jax.experimental import topologies
 
-    return tuple(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    # libtpu's default host is 2x2x1 chips, which a single chip does not divide: give it a one-chip host
+    hosts = {"chips_per_host_bounds": (1, 1, 1)} if num_chips == 1 else {}
+    return tuple(topologies.get_topology_desc(platform="tpu", topology_name=name, **hosts).devices)
 
 
 def topology_devices(topology: Topology | str) -> list[Any]:
@@ -162,7 +164,7 @@ def topology_devices(topology: Topology | str) -> list[Any]:
             'install it with `python3 -m pip install -e ".[tpu-aot]"` (libtpu pinned to this jax version)'
         )
     try:
-        devices = list(_devices(topo.name))
+        devices = list(_devices(topo.name, topo.num_chips))
     except Exception as e:  # libtpu rejects the shape
         raise TopologyError(f"topology {topo.name}: libtpu cannot build it ({e})") from e
     if len(devices) != topo.num_chips:
