@@ -158,7 +158,7 @@ def _largest(entry: dict[str, Any]) -> str:
     big = (entry.get("largest") or [{}])[0]
     out = f"largest {big['nbytes'] / 2**20:,.0f} MiB ({big['kind']})" if big.get("nbytes") else ""
     temp = (entry.get("largest_temporaries") or [{}])[0]
-    if temp.get("nbytes") and temp is not big:
+    if temp.get("nbytes") and (temp.get("name"), temp.get("nbytes")) != (big.get("name"), big.get("nbytes")):
         out += f", temporary {temp['nbytes'] / 2**20:,.0f} MiB"
     return out
 
@@ -181,7 +181,7 @@ def markdown(cache: Cache) -> str:
                 row = rows.get((preset, seq, g))
                 e = fitting(cache, row) if row else None
                 if row is None:
-                    fit_cells.append("—")
+                    fit_cells.append("not run")
                     fast_cells.append("—")
                     continue
                 if e is None:
@@ -212,6 +212,8 @@ def markdown(cache: Cache) -> str:
                     )
                 else:
                     fast_cells.append("—")
+            if all(c == "not run" for c in fit_cells):
+                continue
             fit.append(f"| {shape} | {family} | {seq} | " + " | ".join(fit_cells) + " |")
             fast.append(f"| {shape} | {family} | {seq} | " + " | ".join(fast_cells) + " |")
     return "\n".join(fit) + "\n\n" + "\n".join(fast)
