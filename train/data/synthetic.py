@@ -151,6 +151,7 @@ class MQAR:
     min_pairs: int | None = (
         None  # training examples: pairs uniform in [min_pairs, num_pairs] (held-out: num_pairs)
     )
+    joint: bool = False  # one token per pair (k, v) and one per query (see the module docstring)
 
     kind = "mqar"
 
@@ -174,15 +175,19 @@ class MQAR:
                 f"mqar.min_pairs: must be in [1, num_pairs={self.num_pairs}], got {self.min_pairs}"
             )
         if self.num_slots < self.num_queries:
+            need = (
+                self.num_pairs + self.num_queries
+                if self.joint
+                else 2 * (self.num_pairs + self.num_queries) - 1
+            )
             raise ValueError(
                 f"mqar.seq_len: {self.seq_len} is too short for {self.num_pairs} pairs and {self.num_queries} "
-                f"queries (needs seq_len + 1 >= 2 * (num_pairs + num_queries), i.e. seq_len >= "
-                f"{2 * (self.num_pairs + self.num_queries) - 1}); lower num_pairs or raise seq_len"
+                f"queries (needs seq_len >= {need}); lower num_pairs or raise seq_len"
             )
 
     @property
     def vocab_size(self) -> int:
-        return 1 + self.num_keys + self.num_values
+        return self.first_pair + (self.num_keys * self.num_values if self.joint else 0)
 
     @property
     def first_key(self) -> int:
@@ -193,11 +198,18 @@ class MQAR:
         return 1 + self.num_keys
 
     @property
+    def first_pair(self) -> int:
+        """``joint``: the pair token of key index ``i`` and value index ``j`` is ``first_pair + i * num_values + j``."""
+        return 1 + self.num_keys + self.num_values
+
+    @property
     def num_slots(self) -> int:
-        """Two-token query slots after the pairs in the ``seq_len + 1`` token stream."""
+        """Query slots after the pairs (two tokens each in the ``seq_len + 1`` stream; ``joint``: one input each)."""
         return self.slots_for(self.num_pairs)
 
     def slots_for(self, num_pairs: int) -> int:
+        if self.joint:
+            return self.seq_len - num_pairs
         return (self.seq_len + 1 - 2 * num_pairs) // 2
 
     def stream(self, rng: np.random.Generator, num_pairs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -223,10 +235,30 @@ class MQAR:
         d = None
         if train and self.min_pairs is not None:
             d = int(rng.integers(int(self.min_pairs), self.num_pairs + 1))
+        if self.joint:
+            return self.joint_example(rng, d)
         s, qpos = self.stream(rng, d)
         mask = np.zeros((self.seq_len,), np.float32)
         mask[qpos] = 1.0
         return _row(s[:-1], s[1:], mask)
+
+    def joint_example(self, rng: np.random.Generator, num_pairs: int | None = None) -> dict[str, np.ndarray]:
+        """``joint`` layout: ``D`` pair tokens, then ``seq_len - D`` one-token slots of which ``Q`` hold a
+        queried key (target: its value token) and the rest filler; unscored targets are filler."""
+        d = self.num_pairs if num_pairs is None else int(num_pairs)
+        q = min(self.num_queries, d)
+        key_idx = rng.choice(self.num_keys, size=d, replace=False)
+        value_idx = rng.integers(0, self.num_values, size=d)
+        tokens = np.full((self.seq_len,), FILLER, np.int64)
+        targets = np.full((self.seq_len,), FILLER, np.int64)
+        tokens[:d] = self.first_pair + key_idx * self.num_values + value_idx
+        which = rng.choice(d, size=q, replace=False)
+        qpos = d + np.sort(rng.choice(self.slots_for(d), size=q, replace=False))
+        tokens[qpos] = self.first_key + key_idx[which]
+        targets[qpos] = self.first_value + value_idx[which]
+        mask = np.zeros((self.seq_len,), np.float32)
+        mask[qpos] = 1.0
+        return _row(tokens, targets, mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +299,7 @@ class RecallState:
     num_keys: int = 32
     num_values: int = 32
     num_queries: int | None = None
+    joint: bool = False  # one token per pair (k, v) and one per query, as in MQAR's ``joint``
 
     kind = "recall_state"
 
@@ -289,7 +322,8 @@ class RecallState:
         if self.num_moves < 1:
             raise ValueError(
                 f"recall_state.seq_len: {self.seq_len} leaves no room for group elements after {self.num_pairs} "
-                f"pairs and {self.num_queries} queries (needs seq_len >= 2 * (num_pairs + num_queries) + 1)"
+                f"pairs and {self.num_queries} queries (needs seq_len >= {self.tokens_per_item} * (num_pairs + "
+                f"num_queries) + 1)"
             )
 
     @cached_property
@@ -310,41 +344,57 @@ class RecallState:
         return self.first_element
 
     @property
-    def vocab_size(self) -> int:
+    def first_pair(self) -> int:
+        """``joint``: the pair token of key index ``i``, value index ``j`` is ``first_pair + i * num_values + j``."""
         return self.first_element + self.perm_group.order
+
+    @property
+    def vocab_size(self) -> int:
+        return self.first_pair + (self.num_keys * self.num_values if self.joint else 0)
+
+    @property
+    def tokens_per_item(self) -> int:
+        """Tokens per pair and per query slot: 2 (``k v``), or 1 with ``joint``."""
+        return 1 if self.joint else 2
 
     @property
     def num_moves(self) -> int:
         """Group elements per row: the input positions after the pairs not taken by query slots."""
-        return self.seq_len - 2 * self.num_pairs - 2 * self.num_queries
+        return self.seq_len - self.tokens_per_item * (self.num_pairs + self.num_queries)
 
     def example(self, rng: np.random.Generator, train: bool = False) -> dict[str, np.ndarray]:
-        d, q, m = self.num_pairs, self.num_queries, self.num_moves
-        keys = 1 + rng.choice(self.num_keys, size=d, replace=False)
-        values = self.first_value + rng.integers(0, self.num_values, size=d)
+        d, q, m, w = self.num_pairs, self.num_queries, self.num_moves, self.tokens_per_item
+        key_idx = rng.choice(self.num_keys, size=d, replace=False)
+        value_idx = rng.integers(0, self.num_values, size=d)
+        keys, values = 1 + key_idx, self.first_value + value_idx
         moves = rng.integers(0, self.perm_group.order, size=m)
         which = rng.choice(d, size=q, replace=False)  # queried pairs, in query order
         is_query = np.zeros(m + q, bool)
         is_query[rng.choice(m + q, size=q, replace=False)] = True  # item order of the region
         s = np.full((self.seq_len + 1,), FILLER, np.int64)
-        s[0 : 2 * d : 2] = keys
-        s[1 : 2 * d : 2] = values
-        targets = np.empty((self.seq_len,), np.int64)
-        mask = np.zeros((self.seq_len,), np.float32)
+        if self.joint:
+            s[:d] = self.first_pair + key_idx * self.num_values + value_idx
+        else:
+            s[0 : 2 * d : 2] = keys
+            s[1 : 2 * d : 2] = values
         products = self.perm_group.prefix_products(moves)
-        pos, qi, mi = 2 * d, 0, 0
+        query_pos, move_pos, pos = [], [], w * d
         for query in is_query:
             if query:
-                s[pos], s[pos + 1] = keys[which[qi]], values[which[qi]]
-                mask[pos] = 1.0
-                qi, pos = qi + 1, pos + 2
+                query_pos.append(pos)
+                s[pos] = keys[which[len(query_pos) - 1]]
+                if not self.joint:
+                    s[pos + 1] = values[which[len(query_pos) - 1]]
+                pos += w
             else:
-                s[pos] = self.first_element + moves[mi]
-                targets[pos] = self.first_element + products[mi]
-                mask[pos] = 1.0
-                mi, pos = mi + 1, pos + 1
-        is_move = s[:-1] >= self.first_element
-        targets = np.where(is_move, targets, s[1:])  # next token everywhere else
+                move_pos.append(pos)
+                s[pos] = self.first_element + moves[len(move_pos) - 1]
+                pos += 1
+        targets = s[1:].copy()  # the next token wherever nothing is scored
+        targets[query_pos] = values[which]
+        targets[move_pos] = self.first_element + products
+        mask = np.zeros((self.seq_len,), np.float32)
+        mask[query_pos + move_pos] = 1.0
         return _row(s[:-1], targets, mask)
 
 

@@ -18,7 +18,8 @@ Schema (defaults in brackets)::
     tasks:                             # name -> task
       <name>: {kind: mqar, seq_lens: [...], num_pairs: int | {seq_len: int} | null [= seq_len // 16],
                num_keys [32], num_values [32], num_queries [= num_pairs], min_pairs [null]: each training
-               row draws min_pairs..num_pairs pairs (uniform), held-out rows num_pairs}
+               row draws min_pairs..num_pairs pairs (uniform), held-out rows num_pairs; joint [false]:
+               one token per key-value pair and per query}
       <name>: {kind: state_tracking, seq_lens: [...], group [S5]}
       <name>: {kind: recall_state, seq_lens: [...], num_pairs: int | {seq_len: int}, group [S3],
                num_keys [32], num_values [32], num_queries [= num_pairs]}   # the combined task
@@ -28,9 +29,10 @@ Schema (defaults in brackets)::
       # the shared `train` fields for this task's runs (merged key by key, nested mappings too)
     upcycle: {...}                     # optional: the upcycling-value experiment (train.experiments.upcycle_value)
 
-``vocab_size`` is set by the runner: one vocabulary for all synthetic tasks (the largest task vocabulary
-rounded up to a multiple of 8, so the same variant compiles to the same program for every synthetic
-task), the store's vocabulary rounded up to a multiple of 64 for an ``lm`` task.
+``vocab_size`` is set by the runner, per task: a synthetic task's own vocabulary (the largest over its
+``seq_lens``) rounded up to a multiple of 8, the store's vocabulary rounded up to a multiple of 64 for an
+``lm`` task. (Each task's parameter matching is done at its own vocabulary: an MQAR with one token per
+pair has a vocabulary of hundreds, a word problem of a few.)
 
 **Parameter matching.** The ``reference`` variant keeps its fields; every variant with ``tune: <field>``
 (an integer width such as ``intermediate_size`` or ``dim_ffn``) gets that field set, in steps of
@@ -454,10 +456,9 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def synthetic_vocab(spec: ExperimentSpec) -> int:
-    """The shared vocabulary of the synthetic tasks (largest task vocab, rounded up to 8); 0 if none."""
-    sizes = [t.synthetic(n).vocab_size for t in spec.tasks if not t.is_lm for n in t.seq_lens]
-    return round_up(max(sizes), 8) if sizes else 0
+def synthetic_vocab(task: TaskSpec) -> int:
+    """A synthetic task's model vocabulary: its largest over ``seq_lens``, rounded up to a multiple of 8."""
+    return round_up(max(task.synthetic(n).vocab_size for n in task.seq_lens), 8)
 
 
 def plan(spec: ExperimentSpec, models: Mapping[tuple[str, str], dict[str, Any]]) -> list[RunSpec]:
