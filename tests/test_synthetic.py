@@ -158,6 +158,55 @@ def test_mqar_min_pairs_trains_on_fewer_pairs_and_scores_on_all():
     )
 
 
+def _decode_pair(task, token: int) -> tuple[int, int]:
+    """A joint pair token -> (key token, value token), by searching every (key, value) combination."""
+    for k in range(task.num_keys):
+        for v in range(task.num_values):
+            if token == task.vocab_size - task.num_keys * task.num_values + k * task.num_values + v:
+                return 1 + k, 1 + task.num_keys + v
+    raise AssertionError(f"{token} is not a pair token")
+
+
+@pytest.mark.parametrize(("seq_len", "pairs", "queries"), [(64, 32, None), (40, 8, 3), (9, 4, 5), (24, 1, 1)])
+def test_mqar_joint_brute_force(seq_len, pairs, queries):
+    """joint: pair tokens first (each decodes to a distinct key and a value), then one-token slots: the
+    queried keys (scored, target = that key's value) and filler (unscored, target filler)."""
+    queries = pairs if queries is None else min(queries, pairs)
+    task = syn.MQAR(seq_len, pairs, num_keys=40, num_values=6, num_queries=queries, joint=True)
+    assert task.vocab_size == 1 + 40 + 6 + 40 * 6
+    src = syn.TaskSource(task, seed=5, stream=syn.EVAL_STREAM, length=12)
+    starts = set()
+    for i in range(12):
+        tok, tgt, mask = (src[i][k].tolist() for k in ("tokens", "targets", "loss_mask"))
+        kv = dict(_decode_pair(task, t) for t in tok[:pairs])
+        assert len(kv) == pairs  # distinct keys
+        scored = [t for t in range(seq_len) if mask[t] == 1.0]
+        assert len(scored) == queries and min(scored) >= pairs
+        assert len({tok[t] for t in scored}) == queries  # each key queried at most once
+        for t in range(pairs, seq_len):
+            if t in scored:
+                assert tgt[t] == kv[tok[t]]
+            else:
+                assert tok[t] == syn.FILLER and tgt[t] == syn.FILLER
+        assert all(m == 0.0 and g == syn.FILLER for m, g in zip(mask[:pairs], tgt[:pairs], strict=True))
+        starts.add(min(scored))
+    if seq_len - pairs > queries:
+        assert len(starts) > 1  # the query slots move
+    with pytest.raises(ValueError, match="needs seq_len >= 8"):
+        syn.MQAR(7, 4, joint=True)
+
+
+def test_mqar_joint_curriculum():
+    task = syn.MQAR(48, 16, num_keys=20, num_values=5, min_pairs=2, joint=True)
+    seen = set()
+    for i in range(40):
+        row = syn.TaskSource(task, seed=1)[i]
+        d = sum(int(t) >= task.first_pair for t in row["tokens"])
+        assert 2 <= d <= 16 and row["loss_mask"].sum() == d  # every pair queried
+        seen.add(d)
+    assert len(seen) >= 6
+
+
 def test_mqar_validation():
     with pytest.raises(ValueError, match="min_pairs"):
         syn.MQAR(seq_len=64, num_pairs=4, min_pairs=5)
@@ -314,6 +363,39 @@ def test_recall_state_brute_force(seq_len, pairs, queries, group):
     assert len(positions) > 1  # query slots land at different places
     assert task.state_from == task.first_element == 29
     assert task.vocab_size == 29 + syn.PermutationGroup(group).order
+
+
+@pytest.mark.parametrize(("seq_len", "pairs", "queries"), [(64, 10, None), (20, 3, 2), (9, 4, 4)])
+def test_recall_state_joint_brute_force(seq_len, pairs, queries):
+    """joint: pair tokens, then group elements (target: the running product, by explicit composition) and
+    one-token queries (target: the value of that key) interleaved; nothing else is scored."""
+    g = syn.PermutationGroup("S3")
+    task = syn.RecallState(seq_len, pairs, num_queries=queries, num_keys=10, num_values=4, joint=True)
+    queries = pairs if queries is None else queries
+    first_el = 1 + 10 + 4
+    assert task.first_pair == first_el + 6 and task.vocab_size == first_el + 6 + 40
+    assert task.num_moves == seq_len - pairs - queries
+    src = syn.TaskSource(task, seed=2)
+    for i in range(15):
+        tok, tgt, mask = (src[i][k].tolist() for k in ("tokens", "targets", "loss_mask"))
+        kv = dict(_decode_pair(task, t) for t in tok[:pairs])
+        assert len(kv) == pairs
+        perm, n_moves, queried = list(range(3)), 0, []
+        for t in range(pairs, seq_len):
+            x = tok[t]
+            assert mask[t] == 1.0  # after the pairs every position is a move or a query
+            if first_el <= x < task.first_pair:
+                elem = g.elements[x - first_el]
+                perm = [elem[p] for p in perm]
+                assert tgt[t] == first_el + g.elements.index(tuple(perm))
+                n_moves += 1
+            else:
+                assert x in kv and tgt[t] == kv[x]
+                queried.append(x)
+        assert n_moves == task.num_moves and len(queried) == len(set(queried)) == queries
+        assert not any(mask[:pairs])
+    with pytest.raises(ValueError, match="no room"):
+        syn.RecallState(8, 4, joint=True)
 
 
 def test_recall_state_validation_and_make_task():
