@@ -153,14 +153,14 @@ def _gib(n: float | None) -> str:
     return "—" if n is None else f"{n / GIB:.2f} GiB"
 
 
-def _largest(entry: dict[str, Any]) -> str:
-    """The largest buffer (a parameter or moment shard: an argument) and the largest temporary."""
+def _largest(entry: dict[str, Any]) -> list[str]:
+    """The largest buffer (a parameter or moment shard: an argument) and the largest temporary, where known."""
     big = (entry.get("largest") or [{}])[0]
-    out = f"largest {big['nbytes'] / 2**20:,.0f} MiB ({big['kind']})" if big.get("nbytes") else ""
+    parts = [f"largest {big['nbytes'] / 2**20:,.0f} MiB ({big['kind']})"] if big.get("nbytes") else []
     temp = (entry.get("largest_temporaries") or [{}])[0]
     if temp.get("nbytes") and (temp.get("name"), temp.get("nbytes")) != (big.get("name"), big.get("nbytes")):
-        out += f", temporary {temp['nbytes'] / 2**20:,.0f} MiB"
-    return out
+        parts.append(f"temporary {temp['nbytes'] / 2**20:,.0f} MiB")
+    return parts
 
 
 def markdown(cache: Cache) -> str:
@@ -198,7 +198,7 @@ def markdown(cache: Cache) -> str:
                         f"does not fit ({_gib(used)})" if b["status"] == "does not fit" else b["status"]
                     )
                 fit_cells.append(
-                    f"**{e['topology']}** {_gib(e['used_bytes'])}, {_largest(e)}{note}".replace(", ;", ";")
+                    ", ".join([f"**{e['topology']}** {_gib(e['used_bytes'])}", *_largest(e)]) + note
                 )
                 p = e.get("predicted") or {}
                 if p.get("step_s"):

@@ -5,6 +5,7 @@ accuracy, parameter matching, the report files, the CLI and config errors."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -167,6 +168,45 @@ def test_lm_task_data(tmp_path):
     b = batches[0]
     live = b["loss_mask"] > 0
     assert live.any() and (b["targets"][:, :-1][live[:, :-1]] == b["tokens"][:, 1:][live[:, :-1]]).all()
+
+
+def test_each_synthetic_task_has_its_own_vocabulary_and_matching(tmp_path):
+    """A joint-layout MQAR (hundreds of pair tokens) next to a word problem (6 tokens): each task's models get
+    that task's vocabulary rounded up to 8, and the parameter matching is done per vocabulary."""
+    raw = _ci_raw(tmp_path / "exp")
+    raw["tasks"]["mqar"].update(joint=True, num_keys=8, num_values=5)  # 1 + 8 + 5 + 40 = 54 ids
+    runs, table = setup(load_experiment(raw), echo=lambda s: None)
+    by_task = {r.task.name: r.model["vocab_size"] for r in runs}
+    assert by_task == {"mqar": 56, "s3": 8}
+    assert {r["vocab_size"] for r in table} == {56, 8}
+    from wuneng_jax.config import count_params, load_model_config
+
+    for vocab in (56, 8):
+        rows = {r["variant"]: r["params"] for r in table if r["vocab_size"] == vocab}
+        ref = rows["wuneng_full"]
+        assert abs(rows["qwen2"] - ref) / ref <= 0.05
+    for r in runs:
+        assert count_params(load_model_config(r.model)) == next(
+            t["params"]
+            for t in table
+            if t["vocab_size"] == r.model["vocab_size"] and t["variant"] == r.variant
+        )
+
+
+def test_worker_processes_get_single_threaded_xla_and_the_environment_is_restored(monkeypatch):
+    from train.experiments.runner import SINGLE_THREAD_XLA_FLAGS, single_threaded_children
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    with single_threaded_children():
+        flags = os.environ["XLA_FLAGS"].split()
+        assert flags[0] == "--xla_force_host_platform_device_count=8"
+        assert flags[1:] == SINGLE_THREAD_XLA_FLAGS.split()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    monkeypatch.delenv("XLA_FLAGS")
+    with pytest.raises(RuntimeError), single_threaded_children():
+        assert os.environ["XLA_FLAGS"] == SINGLE_THREAD_XLA_FLAGS
+        raise RuntimeError  # restored on the way out of an error too
+    assert "XLA_FLAGS" not in os.environ
 
 
 def test_config_errors(tmp_path):
