@@ -14,7 +14,9 @@ two-token slots; ``Q`` randomly chosen slots hold ``k v`` for ``Q`` distinct key
 random order) and the other slots hold ``FILLER FILLER``. Inputs are the stream's first ``seq_len``
 tokens, targets the next token; only the positions holding a *query key* are scored (target = its
 value), as in Zoology. Token ids: ``0`` = filler, keys ``[1, 1 + num_keys)``, values
-``[1 + num_keys, 1 + num_keys + num_values)``.
+``[1 + num_keys, 1 + num_keys + num_values)``. With ``joint`` each pair is one token (ids from ``first_pair``,
+one per (key, value) combination) and each query slot one token (the key; its target is the value), so no
+model has to bind a value to the key before it: what is measured is how many pairs its memory holds.
 
 **State tracking** (the word problem of a permutation group: Merrill et al. 2024 "The illusion of
 state", Grazzi et al. 2024; RWKV-7 paper §7). Tokens are group elements ``x_1 .. x_T`` (uniform); the
@@ -139,8 +141,39 @@ def _row(tokens: np.ndarray, targets: np.ndarray, loss_mask: np.ndarray) -> dict
     }
 
 
+class _PairLayout:
+    """The key-value pairs of ``MQAR`` and ``RecallState``: ``k v`` token pairs, or with ``joint`` one token per
+    pair (``first_pair + key_index * num_values + value_index``); query slots take as many tokens as a pair."""
+
+    num_keys: int
+    num_values: int
+    joint: bool
+
+    @property
+    def tokens_per_item(self) -> int:
+        """Tokens per pair and per query slot: 2 (``k v``), or 1 with ``joint``."""
+        return 1 if self.joint else 2
+
+    @property
+    def first_pair(self) -> int:
+        raise NotImplementedError
+
+    def write_pairs(
+        self, s: np.ndarray, key_idx: np.ndarray, value_idx: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Write the pairs at the start of the stream ``s``; returns the key and value token ids."""
+        d = len(key_idx)
+        keys, values = 1 + key_idx, 1 + self.num_keys + value_idx
+        if self.joint:
+            s[:d] = self.first_pair + key_idx * self.num_values + value_idx
+        else:
+            s[0 : 2 * d : 2] = keys
+            s[1 : 2 * d : 2] = values
+        return keys, values
+
+
 @dataclasses.dataclass(frozen=True)
-class MQAR:
+class MQAR(_PairLayout):
     """Multi-query associative recall (see the module docstring). ``num_queries`` defaults to ``num_pairs``."""
 
     seq_len: int
@@ -175,14 +208,11 @@ class MQAR:
                 f"mqar.min_pairs: must be in [1, num_pairs={self.num_pairs}], got {self.min_pairs}"
             )
         if self.num_slots < self.num_queries:
-            need = (
-                self.num_pairs + self.num_queries
-                if self.joint
-                else 2 * (self.num_pairs + self.num_queries) - 1
-            )
+            w = self.tokens_per_item
             raise ValueError(
                 f"mqar.seq_len: {self.seq_len} is too short for {self.num_pairs} pairs and {self.num_queries} "
-                f"queries (needs seq_len >= {need}); lower num_pairs or raise seq_len"
+                f"queries (needs seq_len >= {w * (self.num_pairs + self.num_queries) - (w - 1)}); lower "
+                "num_pairs or raise seq_len"
             )
 
     @property
@@ -199,66 +229,39 @@ class MQAR:
 
     @property
     def first_pair(self) -> int:
-        """``joint``: the pair token of key index ``i`` and value index ``j`` is ``first_pair + i * num_values + j``."""
+        """``joint``: the first pair token (after filler, keys and values)."""
         return 1 + self.num_keys + self.num_values
 
     @property
     def num_slots(self) -> int:
-        """Query slots after the pairs (two tokens each in the ``seq_len + 1`` stream; ``joint``: one input each)."""
+        """Query slots after the pairs whose key is an input position (of ``tokens_per_item`` tokens each)."""
         return self.slots_for(self.num_pairs)
 
     def slots_for(self, num_pairs: int) -> int:
-        if self.joint:
-            return self.seq_len - num_pairs
-        return (self.seq_len + 1 - 2 * num_pairs) // 2
-
-    def stream(self, rng: np.random.Generator, num_pairs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The ``seq_len + 1`` token stream and the stream positions of the query keys (sorted); ``num_pairs``
-        (default ``self.num_pairs``) pairs, ``min(num_queries, num_pairs)`` queries."""
-        d = self.num_pairs if num_pairs is None else int(num_pairs)
-        q = min(self.num_queries, d)
-        keys = self.first_key + rng.choice(self.num_keys, size=d, replace=False)
-        values = self.first_value + rng.integers(0, self.num_values, size=d)
-        s = np.full((self.seq_len + 1,), FILLER, np.int64)
-        s[0 : 2 * d : 2] = keys
-        s[1 : 2 * d : 2] = values
-        which = rng.choice(d, size=q, replace=False)  # which pairs are queried, in query order
-        slots = np.sort(rng.choice(self.slots_for(d), size=q, replace=False))
-        qpos = 2 * d + 2 * slots
-        s[qpos] = keys[which]
-        s[qpos + 1] = values[which]
-        return s, qpos
+        w = self.tokens_per_item
+        return (self.seq_len + w - 1 - w * num_pairs) // w
 
     def example(self, rng: np.random.Generator, train: bool = False) -> dict[str, np.ndarray]:
         """One row; a training row (``train``) with ``min_pairs`` set has a uniform number of pairs in
         ``[min_pairs, num_pairs]`` (fewer pairs: a shorter context and more filler slots)."""
-        d = None
+        d = self.num_pairs
         if train and self.min_pairs is not None:
             d = int(rng.integers(int(self.min_pairs), self.num_pairs + 1))
-        if self.joint:
-            return self.joint_example(rng, d)
-        s, qpos = self.stream(rng, d)
+        q, w = min(self.num_queries, d), self.tokens_per_item
+        s = np.full((self.seq_len + 1,), FILLER, np.int64)  # inputs s[:-1], next tokens s[1:]
+        keys, values = self.write_pairs(
+            s, rng.choice(self.num_keys, size=d, replace=False), rng.integers(0, self.num_values, size=d)
+        )
+        which = rng.choice(d, size=q, replace=False)  # which pairs are queried, in query order
+        qpos = w * d + w * np.sort(rng.choice(self.slots_for(d), size=q, replace=False))
+        s[qpos] = keys[which]
+        if not self.joint:
+            s[qpos + 1] = values[which]
+        targets = s[1:].copy()  # the next token wherever nothing is scored
+        targets[qpos] = values[which]
         mask = np.zeros((self.seq_len,), np.float32)
         mask[qpos] = 1.0
-        return _row(s[:-1], s[1:], mask)
-
-    def joint_example(self, rng: np.random.Generator, num_pairs: int | None = None) -> dict[str, np.ndarray]:
-        """``joint`` layout: ``D`` pair tokens, then ``seq_len - D`` one-token slots of which ``Q`` hold a
-        queried key (target: its value token) and the rest filler; unscored targets are filler."""
-        d = self.num_pairs if num_pairs is None else int(num_pairs)
-        q = min(self.num_queries, d)
-        key_idx = rng.choice(self.num_keys, size=d, replace=False)
-        value_idx = rng.integers(0, self.num_values, size=d)
-        tokens = np.full((self.seq_len,), FILLER, np.int64)
-        targets = np.full((self.seq_len,), FILLER, np.int64)
-        tokens[:d] = self.first_pair + key_idx * self.num_values + value_idx
-        which = rng.choice(d, size=q, replace=False)
-        qpos = d + np.sort(rng.choice(self.slots_for(d), size=q, replace=False))
-        tokens[qpos] = self.first_key + key_idx[which]
-        targets[qpos] = self.first_value + value_idx[which]
-        mask = np.zeros((self.seq_len,), np.float32)
-        mask[qpos] = 1.0
-        return _row(tokens, targets, mask)
+        return _row(s[:-1], targets, mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +292,7 @@ class StateTracking:
 
 
 @dataclasses.dataclass(frozen=True)
-class RecallState:
+class RecallState(_PairLayout):
     """MQAR pairs, then group elements (running product scored) interleaved with recall queries (see the
     module docstring). ``num_queries`` defaults to ``num_pairs``."""
 
@@ -345,17 +348,12 @@ class RecallState:
 
     @property
     def first_pair(self) -> int:
-        """``joint``: the pair token of key index ``i``, value index ``j`` is ``first_pair + i * num_values + j``."""
+        """``joint``: the first pair token (after filler, keys, values and group elements)."""
         return self.first_element + self.perm_group.order
 
     @property
     def vocab_size(self) -> int:
         return self.first_pair + (self.num_keys * self.num_values if self.joint else 0)
-
-    @property
-    def tokens_per_item(self) -> int:
-        """Tokens per pair and per query slot: 2 (``k v``), or 1 with ``joint``."""
-        return 1 if self.joint else 2
 
     @property
     def num_moves(self) -> int:
@@ -364,19 +362,14 @@ class RecallState:
 
     def example(self, rng: np.random.Generator, train: bool = False) -> dict[str, np.ndarray]:
         d, q, m, w = self.num_pairs, self.num_queries, self.num_moves, self.tokens_per_item
-        key_idx = rng.choice(self.num_keys, size=d, replace=False)
-        value_idx = rng.integers(0, self.num_values, size=d)
-        keys, values = 1 + key_idx, self.first_value + value_idx
+        s = np.full((self.seq_len + 1,), FILLER, np.int64)
+        keys, values = self.write_pairs(
+            s, rng.choice(self.num_keys, size=d, replace=False), rng.integers(0, self.num_values, size=d)
+        )
         moves = rng.integers(0, self.perm_group.order, size=m)
         which = rng.choice(d, size=q, replace=False)  # queried pairs, in query order
         is_query = np.zeros(m + q, bool)
         is_query[rng.choice(m + q, size=q, replace=False)] = True  # item order of the region
-        s = np.full((self.seq_len + 1,), FILLER, np.int64)
-        if self.joint:
-            s[:d] = self.first_pair + key_idx * self.num_values + value_idx
-        else:
-            s[0 : 2 * d : 2] = keys
-            s[1 : 2 * d : 2] = values
         products = self.perm_group.prefix_products(moves)
         query_pos, move_pos, pos = [], [], w * d
         for query in is_query:
