@@ -568,16 +568,16 @@ def compile_family(family: str, layers: int, reuse: bool, variant: str = "") -> 
     cached = _cached_dump(dump, "jit__lambda", reuse)
     if cached is not None:
         return cached
-    from tpu_fit_table import train_config
-
+    from benchmarks.long_context import Point, train_config
     from train.aot.compile import build_train, compile_train
     from train.aot.topology import parse_topology
 
     scope_qwen2_modules()
     unroll_layer_stack()
     topo = parse_topology("v5p:2x2x1")
+    point = Point(PRESETS[family], "v5p:2x2x1", topo.num_chips, 4096, 1, "splash")
     t0 = time.perf_counter()
-    target = build_train(train_config(PRESETS[family], 4096, topo.num_chips, layers), topo)
+    target = build_train(train_config(point, **{"model.num_layers": layers}), topo)
     report, compiled = compile_train(target, keep_dump=str(dump))
     if compiled is None:
         raise SystemExit(f"{family} {layers} layers: {report.status}: {report.error}")

@@ -375,16 +375,23 @@ def predicted_speed(hlo_text: str, target: Any, chip: Any, point: Point) -> dict
     return {**roofline, **fast, "model_flops_per_token": per_token["total"]}
 
 
+def train_config(point: Point, **extra: Any) -> Any:
+    """The training config of ``point`` (its :meth:`Point.overrides`, then ``extra`` dotted-key overrides such
+    as ``model.num_layers``), as ``wuneng compile`` builds it."""
+    from train.config import load_config
+
+    raw: dict[str, Any] = {"run_dir": "unused", "data": {"store": "unused"}, "steps": 1000}
+    values = {**point.overrides(), **extra}
+    return load_config(raw, [f"{k}={json.dumps(v)}" for k, v in values.items()])
+
+
 def compile_one(point: Point, keep_dump: str | None = None) -> dict[str, Any]:
     from train.aot.compile import build_train, compile_train, platform_defaults
     from train.aot.memory import dumped_files, largest_temporaries
     from train.aot.topology import parse_topology
-    from train.config import load_config
 
     platform_defaults()
-    raw: dict[str, Any] = {"run_dir": "unused", "data": {"store": "unused"}, "steps": 1000}
-    overrides = [f"{k}={json.dumps(v)}" for k, v in point.overrides().items()]
-    cfg = load_config(raw, overrides)
+    cfg = train_config(point)
     topo = parse_topology(point.topology)
     t0 = time.perf_counter()
     target = build_train(cfg, topo)

@@ -135,7 +135,7 @@ def _spec_axes(axes: tuple[str, ...]) -> MeshAxes:
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def _resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str) -> str:
     """``"auto"`` -> ``"pallas"`` on TPU / GPU; on other backends it stays ``"auto"`` (:func:`_cpu_auto`)."""
     if impl == "auto" and jax.default_backend() in ("tpu", "gpu"):
         return "pallas"
@@ -216,7 +216,7 @@ def wkv7(
             f"wkv7: partition must be (batch_axes, head_axes) or (batch_axes, head_axes, sequence_axes), "
             f"got {partition!r}"
         )
-    impl = _resolve_impl(impl)
+    impl = resolve_impl(impl)
     chunk = chunk_size or _default_chunk(impl)
     call = functools.partial(_wkv7_jit, impl=impl, chunk_size=chunk)
     mesh = jax.sharding.get_abstract_mesh()

@@ -65,7 +65,7 @@ class FusedConfig:
             )
 
 
-def _out_struct(shape: tuple[int, ...], dtype, *inputs: jax.Array) -> jax.ShapeDtypeStruct:
+def out_struct(shape: tuple[int, ...], dtype, *inputs: jax.Array) -> jax.ShapeDtypeStruct:
     """Output type varying over every manual mesh axis an input varies over (``shard_map`` with ``check_vma``)."""
     mats = [jax.typeof(x).mat for x in inputs]
     varying = frozenset().union(*(m.varying for m in mats))
@@ -92,7 +92,7 @@ def _fwd_outputs(o_shape, o_dtype, s0, num_chunks: int, specs, inputs, save_stat
     bsz, heads, n, _ = s0.shape
     shapes = ((o_shape, o_dtype), ((bsz, heads, num_chunks, n, n), s0.dtype), (s0.shape, s0.dtype))
     outs = [
-        (_out_struct(shape, dtype, *inputs), spec) for (shape, dtype), spec in zip(shapes, specs, strict=True)
+        (out_struct(shape, dtype, *inputs), spec) for (shape, dtype), spec in zip(shapes, specs, strict=True)
     ]
     if not save_states:
         del outs[1]
@@ -241,8 +241,8 @@ def _bwd_tpu(r, w, k, v, a, b, reset, s_in, do, dsf, *, chunk: int, interpret: b
     rows, reset_spec, per_chunk, state = _tpu_specs(chunk, n, group, num_chunks, reverse=True)
     rows_in = _lane_dense(r, w, k, v, a, b)
     inputs = (*rows_in, reset, s_in, *_lane_dense(do), dsf)
-    out_shape = [_out_struct(x.shape, x.dtype, *inputs) for x in rows_in]
-    out_shape.append(_out_struct(dsf.shape, dsf.dtype, *inputs))
+    out_shape = [out_struct(x.shape, x.dtype, *inputs) for x in rows_in]
+    out_shape.append(out_struct(dsf.shape, dsf.dtype, *inputs))
     *grads, ds0 = pl.pallas_call(
         _tpu_bwd_kernel,
         grid=(bsz, heads // group, num_chunks),
@@ -349,8 +349,8 @@ def _bwd_gpu(
     num_chunks = seq_len // chunk
     rows, reset_spec, per_chunk, state = _gpu_specs(seq_len, n, num_chunks)
     inputs = (r, w, k, v, a, b, reset, s_in, do, dsf)
-    out_shape = [_out_struct(x.shape, x.dtype, *inputs) for x in (r, w, k, v, a, b)]
-    out_shape.append(_out_struct(dsf.shape, dsf.dtype, *inputs))
+    out_shape = [out_struct(x.shape, x.dtype, *inputs) for x in (r, w, k, v, a, b)]
+    out_shape.append(out_struct(dsf.shape, dsf.dtype, *inputs))
     return pl.pallas_call(
         _gpu_bwd_kernel,
         grid=(bsz, heads),

@@ -164,6 +164,8 @@ def test_wuneng_train_step_runs_the_pallas_kernels(topology):
     assert kernels.mosaic_calls(compiled.as_text()) == {
         "wkv7_fused_fwd": layers,
         "wkv7_fused_bwd": layers,
+        "middle_heads_fwd": layers,
+        "middle_heads_bwd": layers,
     }
 
 
@@ -173,7 +175,12 @@ def test_wkv7_kernels_forward_and_backward_compile(topology):
     batch and heads sharded over 2 x 2 chips, compiled by the TPU compiler for v5e, v5p and v6e."""
     result = kernels.compile_op(topology)
     assert result.ok, result.error
-    assert result.mosaic_calls == {"wkv7_fused_fwd": 1, "wkv7_fused_bwd": 1}
+    assert result.mosaic_calls == {
+        "wkv7_fused_fwd": 1,
+        "wkv7_fused_bwd": 1,
+        "middle_heads_fwd": 1,
+        "middle_heads_bwd": 1,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ the command

@@ -17,7 +17,7 @@ import pytest
 from wkv7_cases import CASES, make_case, numpy_recurrence, rel_err
 
 from pallas_kernels import wkv7
-from pallas_kernels.wkv7 import _resolve_impl
+from pallas_kernels.wkv7 import resolve_impl
 from pallas_kernels.wkv7_chunk import _is_bounded, chunk_forward, unit_lower_inverse
 from pallas_kernels.wkv7_fused import FusedConfig, wkv7_fused
 
@@ -179,7 +179,7 @@ def test_pallas_runs_the_kernel_and_auto_rule():
     jaxpr = str(jax.make_jaxpr(functools.partial(wkv7, impl="pallas", chunk_size=16))(*x))
     assert "pallas_call" in jaxpr and "platform_index" in jaxpr
     expected = "pallas" if jax.default_backend() in ("tpu", "gpu") else "auto"
-    assert _resolve_impl("auto") == expected
+    assert resolve_impl("auto") == expected
 
 
 def test_cpu_auto_scans_forward_only_and_differentiates_the_chunked_form():

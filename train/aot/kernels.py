@@ -1,10 +1,12 @@
-"""The ``wkv7`` Pallas TPU kernels compiled (not only lowered) by the real TPU compiler for each generation.
+"""The Pallas TPU kernels (``wkv7``, the middle heads) compiled (not only lowered) by the real TPU compiler for
+each generation.
 
 Two checks per chip generation (v5e, v5p, v6e), each on a 4-chip slice with batch and heads sharded:
 
 * ``op``: ``pallas_kernels.wkv7(..., impl="pallas")`` forward + backward (``jax.value_and_grad`` over all
-  inputs and the initial state) under ``jax.set_mesh``: the fused Mosaic kernels (``wkv7_fused_fwd`` /
-  ``wkv7_fused_bwd``) inside the ``shard_map`` that ``wkv7`` adds;
+  inputs and the initial state) and ``pallas_kernels.middle_heads.middle_heads(..., impl="pallas")`` forward +
+  backward, each under ``jax.set_mesh``: the Mosaic kernels (:data:`KERNEL_NAMES`) inside the ``shard_map``
+  that each op adds;
 * ``train``: a whole sharded train step of a one-layer WuNeng model (``wuneng compile``'s path).
 
 ``python -m train.aot.kernels [--train] [--json FILE]`` prints one line per chip and check (compile time and
@@ -30,7 +32,8 @@ from jax.sharding import PartitionSpec as P
 
 from train.aot.topology import parse_topology, topology_devices
 
-KERNEL_NAMES = ("wkv7_fused_fwd", "wkv7_fused_bwd")
+#: every Pallas TPU kernel of the model library (the names its ``pallas_call``s give them)
+KERNEL_NAMES = ("wkv7_fused_fwd", "wkv7_fused_bwd", "middle_heads_fwd", "middle_heads_bwd")
 GENERATIONS = ("v5e:2x2", "v5p:2x2x1", "v6e:2x2")
 
 
@@ -45,7 +48,7 @@ class KernelCompile:
 
 
 def mosaic_calls(hlo_text: str) -> dict[str, int]:
-    """How many times each ``wkv7`` Mosaic kernel is called in a compiled (optimised) HLO text."""
+    """How many times each Mosaic kernel of :data:`KERNEL_NAMES` is called in a compiled (optimised) HLO text."""
     calls = [line for line in hlo_text.splitlines() if "tpu_custom_call" in line]
     return {name: sum(bool(re.search(rf"\b{name}\b", line)) for line in calls) for name in KERNEL_NAMES}
 
@@ -86,20 +89,54 @@ def lower_wkv7_grad(
         return fn.trace(*args).lower()
 
 
+def lower_middle_heads_grad(mesh: Mesh, shape: tuple[int, int, int, int, int] = (2, 64, 4, 2, 64)):
+    """Lower forward + backward of ``middle_heads(impl="pallas")`` (``(B, T, H, G, D)``, bf16), batch over
+    ``data`` and the heads' 128-lane units over ``tensor``, under ``jax.set_mesh(mesh)``."""
+    from pallas_kernels.middle_heads import middle_heads
+
+    bsz, seq_len, heads, groups, d = shape
+    sharded = lambda shape, spec: jax.ShapeDtypeStruct(
+        shape, jnp.bfloat16, sharding=NamedSharding(mesh, spec)
+    )
+    args = [
+        sharded((bsz, seq_len, heads, d), P("data", None, "tensor", None)),
+        sharded((bsz, seq_len, groups, d), P("data", None, "tensor", None)),
+        sharded((heads, 2 * d, d), P("tensor")),
+        sharded((heads, d), P("tensor")),
+        sharded((heads, d), P("tensor")),
+    ]
+
+    def loss(*xs):
+        m = middle_heads(*xs, impl="pallas", partition=("data", "tensor"))
+        return jnp.sum(m.astype(jnp.float32) ** 2)
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(5))))
+    with jax.set_mesh(mesh):
+        return fn.trace(*args).lower()
+
+
 def compile_op(topology: str) -> KernelCompile:
+    """Each op's forward + backward (``wkv7``, ``middle_heads``) compiled alone; every kernel must appear."""
     t0 = time.perf_counter()
+    calls = dict.fromkeys(KERNEL_NAMES, 0)
     try:
-        compiled = lower_wkv7_grad(op_mesh(topology)).compile()
+        for lower in (lower_wkv7_grad, lower_middle_heads_grad):
+            for name, n in mosaic_calls(lower(op_mesh(topology)).compile().as_text()).items():
+                calls[name] += n
     except Exception as e:
-        return KernelCompile(topology, "op", False, time.perf_counter() - t0, {}, str(e)[:2000])
-    calls = mosaic_calls(compiled.as_text())
+        return KernelCompile(topology, "op", False, time.perf_counter() - t0, calls, str(e)[:2000])
     return KernelCompile(topology, "op", all(calls.values()), time.perf_counter() - t0, calls)
 
 
-TINY_WUNENG: dict[str, Any] = {
+TINY_WUNENG: dict[str, Any] = {  # 4 heads of 64: two 128-lane units for the middle-heads kernel
     "preset": "wuneng_tiny",
     "vocab_size": 128,
-    "hidden_size": 32,
+    "hidden_size": 256,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "head_dim": 64,
+    "state_head_size": 64,
+    "state_heads": 2,
     "num_layers": 1,
     "intermediate_size": 64,
     "max_position_embeddings": 64,

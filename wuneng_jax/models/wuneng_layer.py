@@ -45,6 +45,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import wkv7
+from pallas_kernels.middle_heads import kernel_supported, middle_heads
+from pallas_kernels.wkv7 import resolve_impl
 from wuneng_jax.layers import rwkv7_ops as ops
 from wuneng_jax.layers.context import KVLayer, LayerContext
 from wuneng_jax.layers.linear import linear
@@ -204,11 +206,19 @@ def fuse_heads(p: Mapping[str, jax.Array], a: jax.Array, r: jax.Array, *, cfg: W
     if cfg.fusion == "concat":
         return linear(flat(a), p["o_kernel"]) + linear(flat(r), p["o_state"])
     nr = _state_norm(r, cfg.state_head_size, cfg.rms_norm_eps)
-    nr_h = _per_query_head(nr, hh)
     if cfg.fusion == "add":
-        return linear(flat(a + c("beta") * nr_h), p["o_kernel"])
-    z = jnp.einsum("bthi,hij->bthj", jnp.concatenate([a, nr_h], axis=-1), c("gate_w")) + c("gate_b")
-    m = a + c("gamma") * jax.nn.sigmoid(z) * (nr_h - a)  # middle heads
+        return linear(flat(a + c("beta") * _per_query_head(nr, hh)), p["o_kernel"])
+    # the Pallas kernel wherever the recurrence runs as one (TPU: Mosaic), for the head sizes it takes
+    kernel = resolve_impl(cfg.wkv_impl) == "pallas" and kernel_supported(hh, a.shape[3])
+    m = middle_heads(
+        a,
+        nr,
+        c("gate_w"),
+        c("gate_b"),
+        c("gamma"),
+        impl="pallas" if kernel else "xla",
+        partition=ops.wkv7_partition(ACT_HEADS),
+    )
     m = constrain(m, (BATCH, LENGTH, ACT_HEADS, None))
     if cfg.fusion == "gate":
         return linear(flat(m), p["o_kernel"])

@@ -1,0 +1,139 @@
+"""WuNeng's middle heads (``pallas_kernels.middle_heads``): the XLA formula against an explicit float64 loop over
+heads, the Mosaic kernels (Pallas interpreter) against the formula and its JAX gradient, under a mesh
+(``shard_map`` over batch and head units), and the errors."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, Mesh
+
+from pallas_kernels import middle_heads as mh_mod
+from pallas_kernels.middle_heads import kernel_supported, middle_heads
+from wuneng_jax.layers.rwkv7_ops import wkv7_partition
+from wuneng_jax.sharding import DEFAULT_RULES
+
+
+def _case(b, t, h, g, d, dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(b, t, h, d))
+    n = rng.normal(size=(b, t, g, d))
+    w = rng.normal(size=(h, 2 * d, d)) / np.sqrt(2 * d)
+    c = rng.normal(size=(h, d))
+    gamma = rng.normal(size=(h, d))
+    dm = rng.normal(size=(b, t, h, d))
+    return tuple(jnp.asarray(x, dtype) for x in (a, n, w, c, gamma)), jnp.asarray(dm, dtype)
+
+
+def _numpy_middle_heads(a, n, w, c, gamma):
+    """Per query head, in float64: ``m_h = a_h + γ_h σ(a_h W^a_h + n_g W^n_h + c_h) (n_g - a_h)``."""
+    a, n, w, c, gamma = (np.asarray(x, np.float64) for x in (a, n, w, c, gamma))
+    h, d = a.shape[2], a.shape[3]
+    per_group = h // n.shape[2]
+    m = np.empty_like(a)
+    for head in range(h):
+        ng = n[:, :, head // per_group]
+        z = a[:, :, head] @ w[head, :d] + ng @ w[head, d:] + c[head]
+        m[:, :, head] = a[:, :, head] + gamma[head] / (1 + np.exp(-z)) * (ng - a[:, :, head])
+    return m
+
+
+def _rel(x, y) -> float:
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30))
+
+
+def _value_and_grads(impl, args, dm, **kw):
+    fn = functools.partial(middle_heads, impl=impl, interpret=True, **kw)
+    m, vjp = jax.vjp(fn, *args)
+    return (m, *vjp(dm))
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+# (B, T, H, G, D): units of 2 heads whose groups differ (H/G = 7 at 0.5B), whole-unit heads (D = 128),
+# 4 heads per unit (D = 32), one group
+SHAPES = [(2, 20, 14, 2, 64), (1, 24, 2, 1, 128), (2, 16, 8, 2, 32), (1, 12, 4, 1, 64)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_xla_formula_matches_the_loop_over_heads(x64, shape):
+    args, _ = _case(*shape)
+    assert _rel(middle_heads(*args, impl="xla"), _numpy_middle_heads(*args)) <= 1e-13
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_values_and_gradients_match_the_formula_float64(x64, shape):
+    args, dm = _case(*shape)
+    ref = _value_and_grads("xla", args, dm)
+    got = _value_and_grads("pallas", args, dm)
+    assert _rel(got[0], _numpy_middle_heads(*args)) <= 1e-13
+    for name, g, r in zip(("m", "a", "n", "gate_w", "gate_b", "gamma"), got, ref, strict=True):
+        assert _rel(g, r) <= 1e-12, name
+
+
+def test_kernel_accumulates_over_token_blocks_and_batch_with_padding(x64, monkeypatch):
+    """8-token blocks over T = 21 (3 blocks, the last padded) and 2 rows: the weight gradients sum over every
+    block of every row in the resident output blocks."""
+    monkeypatch.setattr(mh_mod, "BLOCK_TOKENS", 8)
+    args, dm = _case(2, 21, 4, 2, 64, seed=3)
+    ref = _value_and_grads("xla", args, dm)
+    got = _value_and_grads("pallas", args, dm)
+    for g, r in zip(got, ref, strict=True):
+        assert _rel(g, r) <= 1e-12
+
+
+def test_kernel_float32_and_bfloat16():
+    args, dm = _case(2, 16, 4, 2, 64, dtype=np.float32, seed=1)
+    ref = _value_and_grads("xla", args, dm)
+    for g, r in zip(_value_and_grads("pallas", args, dm), ref, strict=True):
+        assert _rel(g, r) <= 1e-5
+    bf = tuple(x.astype(jnp.bfloat16) for x in args)
+    got = _value_and_grads("pallas", bf, dm.astype(jnp.bfloat16))
+    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.bfloat16
+    # bf16 inputs, float32 math inside the kernel: within bf16 rounding of the float32 result
+    for g, r in zip(got, ref, strict=True):
+        assert _rel(g, r) <= 3e-2
+
+
+def test_kernel_under_a_mesh_is_shard_mapped_and_exact(x64):
+    """Batch over data, the two 128-lane units of H = 4, D = 64 over tensor: values and gradients as without
+    a mesh (the weight gradients summed over the batch shards by shard_map's transpose)."""
+    args, dm = _case(2, 16, 4, 2, 64, seed=5)
+    ref = _value_and_grads("xla", args, dm)
+    devices = np.array(jax.devices()[:4]).reshape(2, 1, 2, 1)
+    mesh = Mesh(devices, ("data", "fsdp", "tensor", "sequence"), axis_types=(AxisType.Auto,) * 4)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
+        partition = wkv7_partition()
+        fn = jax.jit(lambda *xs: _value_and_grads("pallas", xs[:5], xs[5], partition=partition))
+        assert "shard_map" in str(jax.make_jaxpr(fn)(*args, dm))
+        got = fn(*args, dm)
+    for g, r in zip(got, ref, strict=True):
+        assert _rel(g, r) <= 1e-12
+
+
+def test_supported_head_sizes_and_errors():
+    assert kernel_supported(14, 64) and kernel_supported(28, 128) and kernel_supported(8, 32)
+    assert kernel_supported(2, 256)
+    assert not kernel_supported(3, 64)  # 3 heads of 64 do not fill 128-lane units
+    assert not kernel_supported(4, 48) and not kernel_supported(4, 192)
+    args, _ = _case(1, 8, 4, 2, 48, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"impl='pallas' needs a head size .* got H=4, D=48. Use impl='xla'"):
+        middle_heads(*args, impl="pallas")
+    assert middle_heads(*args, impl="xla").shape == (1, 8, 4, 48)
+    with pytest.raises(ValueError, match="unknown impl 'mosaic'"):
+        middle_heads(*args, impl="mosaic")
+    a, n, w, c, g = args
+    with pytest.raises(ValueError, match=r"the 3 groups of n must divide the 4 heads"):
+        middle_heads(a, jnp.zeros((1, 8, 3, 48)), w, c, g)
+    with pytest.raises(ValueError, match=r"expected gate_w \(4, 96, 48\)"):
+        middle_heads(a, n, w[:, :48], c, g)
