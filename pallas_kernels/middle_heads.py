@@ -9,23 +9,26 @@ Per query head ``h`` of group ``g(h)`` (``H`` heads of size ``D``, ``G`` groups,
 one op (:func:`middle_heads`):
 
 * ``"xla"``: the formula above in ``jnp`` (a per-head einsum), differentiated by JAX;
-* ``"pallas"``: forward and backward kernels that read ``a`` and ``n`` once per pass. In XLA the per-head
-  einsum (a batched matmul over the head axis) and its transpose put ``[B,T,H,D]`` activations through several
-  layout changes and separate elementwise passes; the TPU compiler's roofline of the 0.5B train step counted
-  ~0.47 GB of HBM traffic per layer for it (``benchmarks/layer_traffic.py``).
+* ``"pallas"``: forward and backward kernels that read every activation once per pass. In XLA the per-head
+  einsum (a batched matmul over the head axis) and its transpose put ``[B,T,H,D]`` activations through layout
+  changes and separate elementwise passes: the TPU compiler's roofline of the 0.5B train step counted ~0.47 GB
+  of HBM traffic per layer for them (``benchmarks/layer_traffic.py``), ~0.23 GB with the kernels.
 
 Kernel layout: everything stays token-major and lane dense, ``[B,T,H·D]`` (a free reshape of ``[B,T,H,D]``),
 cut into *units* of ``P = max(1, 128/D)`` heads (``U = P·D`` lanes, 128 for ``D ≤ 128``). Per unit the per-head
-weights become one block-diagonal ``[U,U]`` matrix (built in XLA from ``gate_w``; its transpose keeps only the
-diagonal blocks), so each grid step is two ``[bt,U]×[U,U]`` MXU products and elementwise math in float32.
-``n`` is broadcast to its query heads in XLA first (``[B,T,H·D]``; the backward sums the per-head gradient back
-over each group). Grid ``(units, B, T/bt)``: the forward is parallel everywhere; the backward accumulates the
-weight gradients of a unit over ``(B, T/bt)`` in its resident output blocks (float32).
+weights become one block-diagonal ``[U,U]`` matrix (built in XLA; its transpose keeps only the diagonal
+blocks), so each grid step is ``[bt,U]×[U,U]`` MXU products plus elementwise math in float32. ``n`` is broadcast
+to its query heads in XLA first (``[B,T,H·D]``); its gradient is summed back over each group there. Grid
+``(units, B, T/bt)``: the forward is parallel everywhere; the backward accumulates a unit's weight gradients
+over ``(B, T/bt)`` in its resident output blocks (float32).
 
-Platforms (``impl="pallas"``): ``tpu`` -> Mosaic; ``cuda`` -> the ``"xla"`` formula and its JAX gradient (no
-Triton variant: the XLA GPU compiler handles this layout well enough); ``cpu`` -> the Mosaic kernel in the
-Pallas interpreter (tests). Under a mesh the kernel runs in ``jax.shard_map`` over batch, units (head axes) and
-the sequence, as :func:`pallas_kernels.wkv7` does.
+The same kernel shape for the state→query injection (``q_h + λ_h ⊙ (r_{g(h)} W^state_h)``) was tried and gave
+nothing: its token-major output must be transposed back to the head-major layout splash attention reads, which
+costs what the kernel saves (the XLA einsum fuses into the query projection instead).
+
+Platforms (``impl="pallas"``): ``tpu`` -> Mosaic; ``cuda`` -> the same unit math in ``jnp`` and its JAX gradient
+(no Triton variant); ``cpu`` -> the Mosaic kernels in the Pallas interpreter (tests). Under a mesh the kernels
+run in ``jax.shard_map`` over batch, units (head axes) and the sequence, as :func:`pallas_kernels.wkv7` does.
 """
 
 from __future__ import annotations
@@ -83,28 +86,36 @@ def _dot(x, y, contract_x: int, contract_y: int, out):
     return jax.lax.dot_general(x, y, dims, precision=precision, preferred_element_type=out)
 
 
+def _f32(x):
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _zero_on_first_block(*refs) -> None:
+    """Backward kernels: the weight-gradient blocks of a unit start at zero on its first (row, token block)."""
+
+    @pl.when((pl.program_id(1) == 0) & (pl.program_id(2) == 0))
+    def _():
+        for ref in refs:
+            ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+
 def _gate(a, n, wa, wn, c):
     """``σ(a W^a + n W^n + c)`` in float32 (float64 for float64 inputs) for one ``[bt,U]`` block."""
-    f = jnp.promote_types(a.dtype, jnp.float32)
+    f = _f32(a)
     z = _dot(a, wa, 1, 0, f) + _dot(n, wn, 1, 0, f) + c.astype(f)
     return 1.0 / (1.0 + jnp.exp(-z))
 
 
-def _fwd_kernel(a_ref, n_ref, wa_ref, wn_ref, c_ref, g_ref, m_ref):
+def _middle_fwd_kernel(a_ref, n_ref, wa_ref, wn_ref, c_ref, g_ref, m_ref):
     a, n = a_ref[...], n_ref[...]
     s = _gate(a, n, wa_ref[...], wn_ref[...], c_ref[...])
     af, nf = a.astype(s.dtype), n.astype(s.dtype)
     m_ref[...] = (af + g_ref[...].astype(s.dtype) * s * (nf - af)).astype(m_ref.dtype)
 
 
-def _bwd_kernel(
-    a_ref, n_ref, dm_ref, wa_ref, wn_ref, c_ref, g_ref, da_ref, dn_ref, dwa_ref, dwn_ref, dc_ref, dg_ref
-):
-    @pl.when((pl.program_id(1) == 0) & (pl.program_id(2) == 0))
-    def _():
-        for ref in (dwa_ref, dwn_ref, dc_ref, dg_ref):
-            ref[...] = jnp.zeros(ref.shape, ref.dtype)
-
+def _middle_bwd_kernel(a_ref, n_ref, wa_ref, wn_ref, c_ref, g_ref, dm_ref, *out_refs):
+    da_ref, dn_ref, dwa_ref, dwn_ref, dc_ref, dg_ref = out_refs
+    _zero_on_first_block(dwa_ref, dwn_ref, dc_ref, dg_ref)
     a, n, wa, wn = a_ref[...], n_ref[...], wa_ref[...], wn_ref[...]
     s = _gate(a, n, wa, wn, c_ref[...])
     f = s.dtype
@@ -120,120 +131,114 @@ def _bwd_kernel(
     dg_ref[...] += jnp.sum(dm_d * s, axis=0, keepdims=True).astype(dg_ref.dtype)
 
 
-def _specs(bt: int, u: int):
-    rows = pl.BlockSpec((None, bt, u), lambda j, b, t: (b, t, j))  # [bt, U] of [B, T, H·D]
-    mat = pl.BlockSpec((None, u, u), lambda j, b, t: (j, 0, 0))  # [U, U] of [J, U, U]
-    vec = pl.BlockSpec((None, 1, u), lambda j, b, t: (j, 0, 0))  # [1, U] of [J, 1, U]
-    return rows, mat, vec
-
-
-def _cost(arrays, m: int, u: int, units: int, products: int) -> pl.CostEstimate:
-    return pl.CostEstimate(
-        flops=2 * products * m * u * u * units,
-        transcendentals=m * u * units,
-        bytes_accessed=int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in arrays)),
-    )
-
-
-def _fwd_tpu(a, n, wa, wn, c, g, *, interpret: bool):
-    bsz, seq_len, width = a.shape
-    units, u = wa.shape[0], wa.shape[1]
-    bt = _block_tokens(seq_len)
-    rows, mat, vec = _specs(bt, u)
-    inputs = (a, n, wa, wn, c, g)
-    out = out_struct(a.shape, a.dtype, *inputs)
-    return pl.pallas_call(
-        _fwd_kernel,
-        grid=(units, bsz, seq_len // bt),
-        in_specs=[rows, rows, mat, mat, vec, vec],
-        out_specs=rows,
-        out_shape=out,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3),
-        cost_estimate=_cost((*inputs, out), bsz * seq_len, u, units, 2),
-        interpret=interpret,
-        name="middle_heads_fwd",
-    )(*inputs)
-
-
-def _bwd_tpu(a, n, wa, wn, c, g, dm, *, interpret: bool):
-    bsz, seq_len, width = a.shape
-    units, u = wa.shape[0], wa.shape[1]
-    bt = _block_tokens(seq_len)
-    rows, mat, vec = _specs(bt, u)
-    inputs = (a, n, dm, wa, wn, c, g)
-    f = jnp.promote_types(a.dtype, jnp.float32)
-    outs = [
-        out_struct(a.shape, a.dtype, *inputs),
-        out_struct(n.shape, n.dtype, *inputs),
-        out_struct(wa.shape, f, *inputs),
-        out_struct(wn.shape, f, *inputs),
-        out_struct(c.shape, f, *inputs),
-        out_struct(g.shape, f, *inputs),
-    ]
-    da, dn, dwa, dwn, dc, dg = pl.pallas_call(
-        _bwd_kernel,
-        grid=(units, bsz, seq_len // bt),
-        in_specs=[rows, rows, rows, mat, mat, vec, vec],
-        out_specs=[rows, rows, mat, mat, vec, vec],
-        out_shape=outs,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-        cost_estimate=_cost((*inputs, *outs), bsz * seq_len, u, units, 6),
-        interpret=interpret,
-        name="middle_heads_bwd",
-    )(*inputs)
-    return da, dn, dwa.astype(wa.dtype), dwn.astype(wn.dtype), dc.astype(c.dtype), dg.astype(g.dtype)
-
-
 def _block_tokens(seq_len: int) -> int:
     return min(BLOCK_TOKENS, seq_len)
+
+
+def _unit_call(
+    kernel, name: str, inputs, kinds: str, outputs, products: int, backward: bool, interpret: bool
+):
+    """One ``pallas_call`` over grid ``(units, B, T/bt)``. ``kinds``: per input ``r`` (a ``[B,T,J·U]`` row
+    block), ``m`` (a ``[J,U,U]`` unit matrix) or ``v`` (a ``[J,1,U]`` unit vector); ``outputs``: ``(shape,
+    dtype, kind)``. Unit matrices and vectors among the outputs of a backward accumulate over ``(B, T/bt)``."""
+    rows = next(x for x, k in zip(inputs, kinds, strict=True) if k == "r")
+    bsz, seq_len, _ = rows.shape
+    u = next(x for x, k in zip(inputs, kinds, strict=True) if k == "m").shape[1]
+    units, bt = rows.shape[2] // u, _block_tokens(seq_len)
+    spec = {
+        "r": pl.BlockSpec((None, bt, u), lambda j, b, t: (b, t, j)),
+        "m": pl.BlockSpec((None, u, u), lambda j, b, t: (j, 0, 0)),
+        "v": pl.BlockSpec((None, 1, u), lambda j, b, t: (j, 0, 0)),
+    }
+    out_shape = [out_struct(shape, dtype, *inputs) for shape, dtype, _ in outputs]
+    traffic = sum(x.size * jnp.dtype(x.dtype).itemsize for x in (*inputs, *out_shape))
+    cost = pl.CostEstimate(
+        flops=2 * products * bsz * seq_len * u * u * units,
+        transcendentals=bsz * seq_len * u * units,
+        bytes_accessed=int(traffic),
+    )
+    semantics = ("parallel", "arbitrary", "arbitrary") if backward else ("parallel",) * 3
+    return pl.pallas_call(
+        kernel,
+        grid=(units, bsz, seq_len // bt),
+        in_specs=[spec[k] for k in kinds],
+        out_specs=[spec[k] for _, _, k in outputs],
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+        cost_estimate=cost,
+        interpret=interpret,
+        name=name,
+    )(*inputs)
+
+
+def _middle_fwd_tpu(a, n, wa, wn, c, g, *, interpret: bool):
+    outs = [(a.shape, a.dtype, "r")]
+    (m,) = _unit_call(
+        _middle_fwd_kernel, "middle_heads_fwd", (a, n, wa, wn, c, g), "rrmmvv", outs, 2, False, interpret
+    )
+    return m
+
+
+def _middle_bwd_tpu(a, n, wa, wn, c, g, dm, *, interpret: bool):
+    f = _f32(a)
+    outs = [(a.shape, a.dtype, "r"), (n.shape, n.dtype, "r"), (wa.shape, f, "m"), (wn.shape, f, "m")]
+    outs += [(c.shape, f, "v"), (g.shape, f, "v")]
+    inputs = (a, n, wa, wn, c, g, dm)
+    grads = _unit_call(_middle_bwd_kernel, "middle_heads_bwd", inputs, "rrmmvvr", outs, 6, True, interpret)
+    return tuple(d.astype(x.dtype) for d, x in zip(grads, inputs, strict=False))
 
 
 # ------------------------------------------------------------------------------------------- units + VJP
 
 
-def _unit_formula(a, n, wa, wn, c, g):
-    """The kernels' math in ``jnp`` on whole arrays (``[B,T,J·U]`` rows, ``[J,U,U]`` weights): the ``cuda``
-    branch of ``impl="pallas"``."""
-    bsz, seq_len, _ = a.shape
-    units, u = wa.shape[0], wa.shape[1]
-    split = lambda x: x.reshape(bsz, seq_len, units, u)
-    z = jnp.einsum("btju,juv->btjv", split(a), wa) + jnp.einsum("btju,juv->btjv", split(n), wn) + c[:, 0]
-    m = split(a) + g[:, 0] * jax.nn.sigmoid(z) * (split(n) - split(a))
+def _split(x, u: int):
+    return x.reshape(*x.shape[:2], -1, u)
+
+
+def _middle_units_xla(a, n, wa, wn, c, g):
+    """The middle-heads kernels' math in ``jnp`` on whole arrays (``[B,T,J·U]`` rows, ``[J,U,U]`` weights)."""
+    u = wa.shape[1]
+    z = (
+        jnp.einsum("btju,juv->btjv", _split(a, u), wa)
+        + jnp.einsum("btju,juv->btjv", _split(n, u), wn)
+        + c[:, 0]
+    )
+    m = _split(a, u) + g[:, 0] * jax.nn.sigmoid(z) * (_split(n, u) - _split(a, u))
     return m.reshape(a.shape)
 
 
-def _dispatch(interpret: bool, tpu_fn, *args):
+def _dispatch(interpret: bool, tpu_fn, cuda_fn, *args):
     if interpret:
         return tpu_fn(*args, interpret=True)
-
-    def cuda(*xs):
-        if tpu_fn is _fwd_tpu:
-            return _unit_formula(*xs)
-        out, vjp = jax.vjp(_unit_formula, *xs[:6])
-        return vjp(xs[6])
-
     return jax.lax.platform_dependent(
         *args,
         tpu=functools.partial(tpu_fn, interpret=False),
-        cuda=cuda,
+        cuda=cuda_fn,
         default=functools.partial(tpu_fn, interpret=True),
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _units(a, n, wa, wn, c, g, interpret: bool):
-    return _dispatch(interpret, _fwd_tpu, a, n, wa, wn, c, g)
+def _unit_op(tpu_fwd, tpu_bwd, formula):
+    """The ``custom_vjp`` op of a kernel pair; on ``cuda`` the ``formula`` and its JAX gradient."""
+
+    def cuda_bwd(*xs):
+        return jax.vjp(formula, *xs[:-1])[1](xs[-1])
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def op(interpret, *xs):
+        return _dispatch(interpret, tpu_fwd, formula, *xs)
+
+    def fwd(interpret, *xs):
+        return op(interpret, *xs), xs
+
+    def bwd(interpret, xs, dy):
+        return tuple(_dispatch(interpret, tpu_bwd, cuda_bwd, *xs, dy))
+
+    op.defvjp(fwd, bwd)
+    return op
 
 
-def _units_fwd(a, n, wa, wn, c, g, interpret):
-    return _units(a, n, wa, wn, c, g, interpret), (a, n, wa, wn, c, g)
-
-
-def _units_bwd(interpret, res, dm):
-    return tuple(_dispatch(interpret, _bwd_tpu, *res, dm))
-
-
-_units.defvjp(_units_fwd, _units_bwd)
+_middle_units = _unit_op(_middle_fwd_tpu, _middle_bwd_tpu, _middle_units_xla)
 
 
 def _block_diag(w: jax.Array, p: int) -> jax.Array:
@@ -243,29 +248,49 @@ def _block_diag(w: jax.Array, p: int) -> jax.Array:
     return jnp.einsum("jpde,pq->jpdqe", blocks, jnp.eye(p, dtype=w.dtype)).reshape(hh // p, p * d, p * e)
 
 
-def _pallas(a, n, gate_w, gate_b, gamma, interpret: bool, partition: Partition | None):
-    bsz, seq_len, hh, d = a.shape
+def _run_units(op, x, grouped, mats, vecs, interpret: bool, partition: Partition | None):
+    """``op(rows x, rows grouped-per-head, *unit matrices, *unit vectors)`` on ``x`` ``[B,T,H,D]``: the
+    per-head weights ``mats`` ``[H,D,D]`` made block-diagonal per unit, ``vecs`` ``[H,D]`` per unit, ``grouped``
+    ``[B,T,G,D]`` broadcast to the heads, the sequence padded to whole token blocks, and under a mesh the call
+    wrapped in ``shard_map``."""
+    bsz, seq_len, hh, d = x.shape
     p = heads_per_unit(d)
     units = hh // p
-    flat = lambda x: x.reshape(bsz, seq_len, hh * d)
-    n_h = flat(jnp.repeat(n, hh // n.shape[2], axis=2))
-    wa, wn = _block_diag(gate_w[:, :d], p), _block_diag(gate_w[:, d:], p)
-    vec = lambda x: x.reshape(units, 1, p * d)
-    args = (flat(a), n_h, wa, wn, vec(gate_b), vec(gamma))
-    bt = _block_tokens(seq_len)
-    pad = -seq_len % bt
+    flat = lambda y: y.reshape(bsz, seq_len, hh * d)
+    rows = [flat(x), flat(jnp.repeat(grouped, hh // grouped.shape[2], axis=2))]
+    pad = -seq_len % _block_tokens(seq_len)
     if pad:
-        args = tuple(jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in args[:2]) + args[2:]
-    call = functools.partial(_units, interpret=interpret)
+        rows = [jnp.pad(y, ((0, 0), (0, pad), (0, 0))) for y in rows]
+    weights = [_block_diag(w, p) for w in mats] + [v.reshape(units, 1, p * d) for v in vecs]
+    call = functools.partial(op, interpret)
     mesh = jax.sharding.get_abstract_mesh()
     axes = None if mesh.empty else _kernel_partition(mesh, bsz, units, seq_len + pad, partition)
     if axes is not None:
-        bx, hx, sx = (_spec_axes(x) for x in axes)
-        rows, weights = P(bx, sx, hx), P(hx, None, None)
-        call = jax.shard_map(
-            call, mesh=mesh, in_specs=(rows, rows) + (weights,) * 4, out_specs=rows, check_vma=False
+        bx, hx, sx = (_spec_axes(y) for y in axes)
+        row_spec, unit_spec = P(bx, sx, hx), P(hx, None, None)
+        specs = (row_spec, row_spec) + (unit_spec,) * len(weights)
+        call = jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=row_spec, check_vma=False)
+    return call(*rows, *weights)[:, :seq_len].reshape(x.shape)
+
+
+def _check(name: str, impl: str, x, grouped, mats, vecs) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"{name}: unknown impl {impl!r}; choose one of {IMPLS}")
+    if x.ndim != 4 or grouped.ndim != 4 or grouped.shape[:2] != x.shape[:2] or grouped.shape[3] != x.shape[3]:
+        raise ValueError(
+            f"{name}: expected [B,T,H,D] and [B,T,G,D] activations; got {x.shape} and {grouped.shape}"
         )
-    return call(*args)[:, :seq_len].reshape(a.shape)
+    hh, d = x.shape[2], x.shape[3]
+    if hh % grouped.shape[2]:
+        raise ValueError(f"{name}: the {grouped.shape[2]} groups must divide the {hh} heads")
+    for label, w, shape in (*mats, *vecs):
+        if w.shape != shape:
+            raise ValueError(f"{name}: expected {label} of shape {shape}; got {w.shape}")
+    if impl == "pallas" and not kernel_supported(hh, d):
+        raise ValueError(
+            f"{name}: impl='pallas' needs a head size that divides 128 (with the heads filling "
+            f"128-lane units) or is a multiple of 128; got H={hh}, D={d}. Use impl='xla'."
+        )
 
 
 def middle_heads(
@@ -284,28 +309,16 @@ def middle_heads(
     Args:
       a: ``[B,T,H,D]``; n: ``[B,T,G,D]`` (``G`` divides ``H``); gate_w ``[H,2D,D]``; gate_b, gamma ``[H,D]``;
         all in one floating dtype (the compute dtype).
-      impl: ``"xla"`` or ``"pallas"`` (needs :func:`kernel_supported`); interpret: run the Mosaic kernel in the
-        Pallas interpreter on any platform (tests).
+      impl: ``"xla"`` or ``"pallas"`` (needs :func:`kernel_supported`); interpret: run the Mosaic kernels in
+        the Pallas interpreter on any platform (tests).
       partition: ``(batch_axes, head_axes[, sequence_axes])`` of ``a`` under a mesh (``impl="pallas"`` runs in a
         ``shard_map`` split that way); None: the op picks, as :func:`pallas_kernels.wkv7` does.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"middle_heads: unknown impl {impl!r}; choose one of {IMPLS}")
-    if a.ndim != 4 or n.ndim != 4 or n.shape[:2] != a.shape[:2] or n.shape[3] != a.shape[3]:
-        raise ValueError(f"middle_heads: a must be [B,T,H,D] and n [B,T,G,D]; got {a.shape} and {n.shape}")
-    hh, d = a.shape[2], a.shape[3]
-    if hh % n.shape[2]:
-        raise ValueError(f"middle_heads: the {n.shape[2]} groups of n must divide the {hh} heads of a")
-    if gate_w.shape != (hh, 2 * d, d) or gate_b.shape != (hh, d) or gamma.shape != (hh, d):
-        raise ValueError(
-            f"middle_heads: expected gate_w {(hh, 2 * d, d)}, gate_b and gamma {(hh, d)}; got "
-            f"{gate_w.shape}, {gate_b.shape}, {gamma.shape}"
-        )
+    hh, d = a.shape[2], a.shape[-1]
+    mats = [("gate_w", gate_w, (hh, 2 * d, d))]
+    _check("middle_heads", impl, a, n, mats, [("gate_b", gate_b, (hh, d)), ("gamma", gamma, (hh, d))])
     if impl == "xla":
         return middle_heads_xla(a, n, gate_w, gate_b, gamma)
-    if not kernel_supported(hh, d):
-        raise ValueError(
-            f"middle_heads: impl='pallas' needs a head size that divides 128 (with the heads filling "
-            f"128-lane units) or is a multiple of 128; got H={hh}, D={d}. Use impl='xla'."
-        )
-    return _pallas(a, n, gate_w, gate_b, gamma, interpret, partition)
+    return _run_units(
+        _middle_units, a, n, [gate_w[:, :d], gate_w[:, d:]], [gate_b, gamma], interpret, partition
+    )

@@ -133,7 +133,7 @@ def test_supported_head_sizes_and_errors():
     with pytest.raises(ValueError, match="unknown impl 'mosaic'"):
         middle_heads(*args, impl="mosaic")
     a, n, w, c, g = args
-    with pytest.raises(ValueError, match=r"the 3 groups of n must divide the 4 heads"):
+    with pytest.raises(ValueError, match=r"the 3 groups must divide the 4 heads"):
         middle_heads(a, jnp.zeros((1, 8, 3, 48)), w, c, g)
-    with pytest.raises(ValueError, match=r"expected gate_w \(4, 96, 48\)"):
+    with pytest.raises(ValueError, match=r"expected gate_w of shape \(4, 96, 48\)"):
         middle_heads(a, n, w[:, :48], c, g)
