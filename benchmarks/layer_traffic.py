@@ -220,9 +220,20 @@ def _padded_elements(dims: list[int], layout: str, tiles: str | None) -> int:
     return math.prod(phys)
 
 
+#: a memory-space annotation other than HBM's (0): ``S(1)`` on-chip VMEM that the compiler's memory-space
+#: assignment prefetches into (``copy-start``), ``S(2)`` SMEM (sync flags)
+ON_CHIP = re.compile(r"S\([1-9][0-9]*\)")
+#: a Pallas kernel's own ``pl.CostEstimate`` in its backend config
+DECLARED = re.compile(r'"cost_estimate":\{"flops":"(\d+)","transcendentals":"(\d+)","bytes_accessed":"(\d+)"')
+
+
 def _array_bytes(text: str) -> int:
+    """HBM bytes of the arrays in an HLO type (tiled layouts); arrays placed on chip (:data:`ON_CHIP`) are not
+    HBM traffic: the ``copy-start`` that prefetched them read HBM once, and their readers read VMEM."""
     total = 0
     for dt, dims, layout, tiles in ARRAY_LAYOUT.findall(text):
+        if tiles and ON_CHIP.search(tiles):
+            continue
         shape = [int(d) for d in dims.split(",") if d]
         n = _padded_elements(shape, layout, tiles or None) if PADDED else (math.prod(shape) if shape else 1)
         total += int(n * DTYPE_BYTES[dt])
@@ -424,8 +435,15 @@ class Program:
             operand_bytes, out = [upd], upd
         elif op in ("dot", "convolution"):
             flops = _dot_flops(ins, shapes)
+        elif op == "copy-start":  # (destination, source, context): a prefetch reads HBM, an eviction writes it
+            first = ARRAY_LAYOUT.search(ins.type)
+            out = _array_bytes(first.group(0)) if first else 0
         elif op.endswith("-start"):
             out = 0  # the *-done half is free; count the data moved once
+        elif "tpu_custom_call" in ins.attrs and (declared := DECLARED.search(ins.attrs)):
+            # a Pallas kernel's declared FLOPs; its bytes the larger of declared and operands + result
+            flops = float(declared.group(1))
+            return Cost(max(float(sum(operand_bytes) + out), float(declared.group(3))), flops, 1.0)
         return Cost(float(sum(operand_bytes) + out), flops, 1.0)
 
     def trip_count(self, loop: Instr) -> int:

@@ -57,3 +57,27 @@ def test_speed_and_mfu():
     s = speed({"step_s": 2.0}, model_flops_per_token=6e9, tokens_per_chip=4096, peak_flops=1e14)
     assert s["tokens_per_s_per_chip"] == pytest.approx(2048)
     assert s["mfu"] == pytest.approx(6e9 * 4096 / (1e14 * 2.0))
+
+
+ON_CHIP_HLO = """HloModule m, entry_computation_layout={(f32[128,128]{1,0})->f32[128,128]{1,0}}
+
+ENTRY %main (a: f32[128,128]) -> f32[128,128] {
+  %a = f32[128,128]{1,0} parameter(0)
+  %cs = (f32[128,128]{1,0:S(1)}, f32[128,128]{1,0}, u32[]{:S(2)}) copy-start(%a)
+  %v = f32[128,128]{1,0:S(1)} copy-done(%cs)
+  %e = f32[128,128]{1,0:S(1)} exponential(%v)
+  %ev = (f32[128,128]{1,0}, f32[128,128]{1,0:S(1)}, u32[]{:S(2)}) copy-start(%e)
+  %h = f32[128,128]{1,0} copy-done(%ev)
+  %x = f32[128,128]{1,0} copy-start(%h)
+  ROOT %n = f32[128,128]{1,0} negate(%h)
+}
+"""
+
+
+def test_on_chip_arrays_are_not_hbm_traffic():
+    """A prefetch into VMEM (``S(1)``) reads HBM once, an eviction writes it once, an HBM-to-HBM copy reads and
+    writes, a reader of the on-chip copy costs no HBM bytes; the HBM negate reads and writes."""
+    r = predict(ON_CHIP_HLO, **CHIP, attention_flops=0.0)
+    expected = F32 + 0 + F32 + 2 * F32 + 2 * F32  # prefetch, exp on chip, eviction, HBM copy, negate
+    assert r["hbm_bytes"] == pytest.approx(expected)
+    assert r["ops_s"] == pytest.approx(expected / 1e9)
