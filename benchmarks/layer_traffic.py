@@ -435,7 +435,9 @@ class Program:
             operand_bytes, out = [upd], upd
         elif op in ("dot", "convolution"):
             flops = _dot_flops(ins, shapes)
-        elif op == "copy-start":  # (destination, source, context): a prefetch reads HBM, an eviction writes it
+        elif (
+            op == "copy-start"
+        ):  # (destination, source, context): a prefetch reads HBM, an eviction writes it
             first = ARRAY_LAYOUT.search(ins.type)
             out = _array_bytes(first.group(0)) if first else 0
         elif op.endswith("-start"):
