@@ -401,15 +401,52 @@ class Program:
                 if m:
                     params[i.name] = int(m.group(1))
         for name, num in params.items():
-            us = users.get(name, [])
-            if us and all(u.opcode in ("dynamic-slice", "slice") for u in us):
-                sliced[num] = sum(u.out_bytes for u in us)
+            read = self._slice_read(comp, name, users)
+            if read is not None:
+                sliced[num] = read
         update = None
         root = ins[-1] if ins else None
         if root is not None and root.opcode == "dynamic-update-slice" and root.operands[0] in params:
             update = _array_bytes(shapes.get(root.operands[1], ""))
             sliced[params[root.operands[0]]] = 0.0
         return flops, sliced, update
+
+    def _slice_read(
+        self, comp: str, name: str, users: dict[str, list[Instr]], depth: int = 0
+    ) -> float | None:
+        """Bytes read of a fused computation's parameter ``name`` when it is used only through
+        (dynamic-)slices, directly or as the matching parameter of nested fusions (a layer's slice of a stacked
+        ``[L, ...]`` array fused into its consumer); None when some use reads it whole."""
+        us = users.get(name, [])
+        if not us or depth > 4:
+            return None
+        read = 0.0
+        for u in us:
+            if u.opcode in ("dynamic-slice", "slice") and u.operands[0] == name:  # not its start index
+                read += u.out_bytes
+                continue
+            called = re.search(r"calls=%([\w.\-]+)", u.attrs) if u.opcode == "fusion" else None
+            if called is None:
+                return None
+            inner = self.comps.get(called.group(1), [])
+            inner_users: dict[str, list[Instr]] = collections.defaultdict(list)
+            for i in inner:
+                for o in i.operands:
+                    inner_users[o].append(i)
+            for pos in (k for k, o in enumerate(u.operands) if o == name):
+                param = next(
+                    (i.name for i in inner if i.opcode == "parameter" and f"parameter({pos})" in i.attrs),
+                    None,
+                )
+                part = (
+                    None
+                    if param is None
+                    else self._slice_read(called.group(1), param, inner_users, depth + 1)
+                )
+                if part is None:
+                    return None
+                read += part
+        return read
 
     def instr_cost(self, comp: str, ins: Instr) -> Cost | None:
         op = ins.opcode

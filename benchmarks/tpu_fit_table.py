@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -245,13 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     prog = Progress(len(cells), unit="cells")
     for preset, seq, gen in cells:
         print(f"{preset} T={seq} {gen}:", flush=True)
-        before = sum(e.get("compile_s") or 0 for e in cache.data["compiles"].values())
+        t0 = time.perf_counter()  # wall time of this cell (a --redo replaces cached compile times)
         row = search(cache, args, preset, seq, gen)
         rows[(preset, seq, gen)] = row
         cache.data["table"] = list(rows.values())
         cache.save()
-        spent = sum(e.get("compile_s") or 0 for e in cache.data["compiles"].values()) - before
-        print(f"{prog.step(spent or None)}  {preset} T={seq} {gen}: {row['tried'][-1]}", flush=True)
+        spent = time.perf_counter() - t0
+        print(
+            f"{prog.step(spent if spent > 1.0 else None)}  {preset} T={seq} {gen}: {row['tried'][-1]}",
+            flush=True,
+        )
     print(markdown(cache))
     return 0
 

@@ -81,3 +81,35 @@ def test_on_chip_arrays_are_not_hbm_traffic():
     expected = F32 + 0 + F32 + 2 * F32 + 2 * F32  # prefetch, exp on chip, eviction, HBM copy, negate
     assert r["hbm_bytes"] == pytest.approx(expected)
     assert r["ops_s"] == pytest.approx(expected / 1e9)
+
+
+NESTED_SLICE_HLO = """HloModule m, entry_computation_layout={(f32[4,128,128]{2,1,0}, s32[])->f32[128,128]{1,0}}
+
+%inner (x: f32[4,128,128], i: s32[]) -> f32[128,128] {
+  %x = f32[4,128,128]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = f32[1,128,128]{2,1,0} dynamic-slice(%x, %i, %z, %z), dynamic_slice_sizes={1,128,128}
+  ROOT %b = f32[128,128]{1,0} bitcast(%ds)
+}
+
+%outer (p0: f32[4,128,128], p1: s32[]) -> f32[128,128] {
+  %p0 = f32[4,128,128]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %f = f32[128,128]{1,0} fusion(%p0, %p1), kind=kLoop, calls=%inner
+  ROOT %e = f32[128,128]{1,0} exponential(%f)
+}
+
+ENTRY %main (s: f32[4,128,128], j: s32[]) -> f32[128,128] {
+  %s = f32[4,128,128]{2,1,0} parameter(0)
+  %j = s32[] parameter(1)
+  ROOT %o = f32[128,128]{1,0} fusion(%s, %j), kind=kLoop, calls=%outer
+}
+"""
+
+
+def test_a_stacked_operand_sliced_in_a_nested_fusion_costs_its_slice():
+    """One layer's ``[128,128]`` slice of a stacked ``[4,128,128]`` array, dynamic-sliced inside a nested
+    fusion: the read is the slice (plus the 4-byte index and the result), not the whole stack."""
+    r = predict(NESTED_SLICE_HLO, **CHIP, attention_flops=0.0)
+    assert r["hbm_bytes"] == pytest.approx(F32 + 4 + F32)
