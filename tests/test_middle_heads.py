@@ -62,7 +62,7 @@ def x64():
 
 # (B, T, H, G, D): units of 2 heads whose groups differ (H/G = 7 at 0.5B), whole-unit heads (D = 128),
 # 4 heads per unit (D = 32), one group
-SHAPES = [(2, 20, 14, 2, 64), (1, 24, 2, 1, 128), (2, 16, 8, 2, 32), (1, 12, 4, 1, 64)]
+SHAPES = [(2, 20, 14, 2, 64), (1, 24, 2, 1, 128), (2, 16, 8, 2, 32), (1, 12, 3, 1, 48), (1, 9, 6, 3, 16)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -83,7 +83,7 @@ def test_kernel_values_and_gradients_match_the_formula_float64(x64, shape):
 
 def test_kernel_accumulates_over_token_blocks_and_batch_with_padding(x64, monkeypatch):
     """8-token blocks over T = 21 (3 blocks, the last padded) and 2 rows: the weight gradients sum over every
-    block of every row in the resident output blocks."""
+    block of every row in the resident output blocks, n's over the heads of each group."""
     monkeypatch.setattr(mh_mod, "BLOCK_TOKENS", 8)
     args, dm = _case(2, 21, 4, 2, 64, seed=3)
     ref = _value_and_grads("xla", args, dm)
@@ -106,8 +106,8 @@ def test_kernel_float32_and_bfloat16():
 
 
 def test_kernel_under_a_mesh_is_shard_mapped_and_exact(x64):
-    """Batch over data, the two 128-lane units of H = 4, D = 64 over tensor: values and gradients as without
-    a mesh (the weight gradients summed over the batch shards by shard_map's transpose)."""
+    """Batch over data, the heads of H = 4, D = 64 in 2 groups over tensor (one group per device): values and
+    gradients as without a mesh (the weight gradients summed over the batch shards by shard_map's transpose)."""
     args, dm = _case(2, 16, 4, 2, 64, seed=5)
     ref = _value_and_grads("xla", args, dm)
     devices = np.array(jax.devices()[:4]).reshape(2, 1, 2, 1)
@@ -122,18 +122,17 @@ def test_kernel_under_a_mesh_is_shard_mapped_and_exact(x64):
 
 
 def test_supported_head_sizes_and_errors():
-    assert kernel_supported(14, 64) and kernel_supported(28, 128) and kernel_supported(8, 32)
-    assert kernel_supported(2, 256)
-    assert not kernel_supported(3, 64)  # 3 heads of 64 do not fill 128-lane units
-    assert not kernel_supported(4, 48) and not kernel_supported(4, 192)
-    args, _ = _case(1, 8, 4, 2, 48, dtype=np.float32)
-    with pytest.raises(ValueError, match=r"impl='pallas' needs a head size .* got H=4, D=48. Use impl='xla'"):
+    assert kernel_supported(14, 64) and kernel_supported(28, 128) and kernel_supported(3, 48)
+    assert kernel_supported(2, 256) and kernel_supported(4, 16)
+    assert not kernel_supported(4, 8) and not kernel_supported(4, 40)  # a head's rows: whole 16-row tiles
+    args, _ = _case(1, 8, 4, 2, 40, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"impl='pallas' needs a head size that is a multiple of 16; got D=40"):
         middle_heads(*args, impl="pallas")
-    assert middle_heads(*args, impl="xla").shape == (1, 8, 4, 48)
+    assert middle_heads(*args, impl="xla").shape == (1, 8, 4, 40)
     with pytest.raises(ValueError, match="unknown impl 'mosaic'"):
         middle_heads(*args, impl="mosaic")
     a, n, w, c, g = args
     with pytest.raises(ValueError, match=r"the 3 groups must divide the 4 heads"):
-        middle_heads(a, jnp.zeros((1, 8, 3, 48)), w, c, g)
-    with pytest.raises(ValueError, match=r"expected gate_w of shape \(4, 96, 48\)"):
-        middle_heads(a, n, w[:, :48], c, g)
+        middle_heads(a, jnp.zeros((1, 8, 3, 40)), w, c, g)
+    with pytest.raises(ValueError, match=r"expected gate_w of shape \(4, 80, 40\)"):
+        middle_heads(a, n, w[:, :40], c, g)
