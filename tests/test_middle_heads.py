@@ -126,7 +126,9 @@ def test_supported_head_sizes_and_errors():
     assert kernel_supported(2, 256) and kernel_supported(4, 16)
     assert not kernel_supported(4, 8) and not kernel_supported(4, 40)  # a head's rows: whole 16-row tiles
     args, _ = _case(1, 8, 4, 2, 40, dtype=np.float32)
-    with pytest.raises(ValueError, match=r"impl='pallas' needs a head size that is a multiple of 16; got D=40"):
+    with pytest.raises(
+        ValueError, match=r"impl='pallas' needs a head size that is a multiple of 16; got D=40"
+    ):
         middle_heads(*args, impl="pallas")
     assert middle_heads(*args, impl="xla").shape == (1, 8, 4, 40)
     with pytest.raises(ValueError, match="unknown impl 'mosaic'"):
