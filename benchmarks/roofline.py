@@ -36,6 +36,10 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.layer_traffic import COLLECTIVES, DECLARED, Program  # noqa: E402
 
+#: the costing rules' version, stored with every prediction; 2: on-chip (``S(1)``) arrays are not HBM traffic
+#: and a stacked operand sliced in a nested fusion costs its slice (version 1 counted both in full)
+ROOFLINE_VERSION = 2
+
 
 def is_collective(opcode: str) -> bool:
     return any(opcode == c or opcode.startswith(c + "-") for c in COLLECTIVES) and not opcode.endswith(
@@ -87,6 +91,7 @@ def predict(
         "ici_bytes": ici_bytes,
         "declared_kernels": kernels,
         "uncosted_kernels": uncosted_kernels,
+        "roofline": ROOFLINE_VERSION,
     }
 
 

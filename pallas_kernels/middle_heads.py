@@ -20,8 +20,8 @@ padded to 128 lanes, so the transposes in the wrapper are layout changes it can 
 head's ``[D, bt]`` block: ``z^T = W^{aT} a^T + W^{nT} n^T + c`` (two ``[D,D]×[D,bt]`` MXU products, the group's
 ``n`` block picked by the index map, no broadcast to heads), then elementwise math in float32. Grid
 ``(H, B, T/bt)``: the forward is parallel everywhere; the backward accumulates a head's weight gradients over
-``(B, T/bt)`` in its resident output blocks (float32) and writes ``n``'s gradient per head, summed over each
-group in XLA.
+``(B, T/bt)`` in its resident output blocks (float32) and writes ``n``'s gradient per head (in ``n``'s dtype),
+summed over each group in XLA (in float32).
 
 The same kernel shape for the state→query injection (``q_h + λ_h ⊙ (r_{g(h)} W^state_h)``) was tried
 (token-major) and gave nothing: its output must be transposed back to the head-major layout splash attention
@@ -178,13 +178,14 @@ def _fwd_tpu(a, n, wa_t, wn_t, c, g, *, interpret: bool):
 
 def _bwd_tpu(a, n, wa_t, wn_t, c, g, dm, *, interpret: bool):
     f = _f32(a)
-    outs = [(a.shape, a.dtype, "a"), (a.shape, f, "a"), (wa_t.shape, f, "m"), (wn_t.shape, f, "m")]
+    outs = [(a.shape, a.dtype, "a"), (a.shape, n.dtype, "a"), (wa_t.shape, f, "m"), (wn_t.shape, f, "m")]
     outs += [(c.shape, f, "v"), (g.shape, f, "v")]
     inputs = (a, n, wa_t, wn_t, c, g, dm)
     da, dn_h, *dw = _call(_bwd_kernel, "middle_heads_bwd", inputs, outs, 6, True, interpret)
     bsz, _, seq_len = n.shape
     groups, d = n.shape[1] // wa_t.shape[1], wa_t.shape[1]
-    dn = dn_h.reshape(bsz, groups, -1, d, seq_len).sum(axis=2).reshape(n.shape)  # each group's heads
+    dn_h = dn_h.reshape(bsz, groups, -1, d, seq_len).astype(f)
+    dn = dn_h.sum(axis=2).reshape(n.shape)  # over each group's heads, in float32
     return (da, dn.astype(n.dtype), *(x.astype(y.dtype) for x, y in zip(dw, inputs[2:6], strict=True)))
 
 

@@ -19,7 +19,7 @@ def _entry(point, status, used, tokens_s=None):
     e["largest"] = [{"kind": "argument", "name": "w", "shape": "f32[1]", "nbytes": 3 * 2**20}]
     e["largest_temporaries"] = [{"kind": "temporary", "name": "x", "shape": "f32[1]", "nbytes": 2**20}]
     if tokens_s:
-        e["predicted"] = {"step_s": T / tokens_s, "tokens_per_s_per_chip": tokens_s, "mfu": 0.4}
+        e["predicted"] = {"step_s": T / tokens_s, "tokens_per_s_per_chip": tokens_s, "mfu": 0.4, "roofline": 2}
     return e
 
 
@@ -80,3 +80,6 @@ def test_markdown_tables(fake):
         in text
     )
     assert f"| Qwen2.5-7B | wuneng | 8192 | {T / 800:.2f} · 800 · 40 % · **1.25× qwen2** |" in text
+    # a prediction made under older costing rules is not shown (nor compared): the cell says to rerun it
+    cache.data["compiles"][ft.fitting(cache, cache.data["table"][1])["key"]]["predicted"]["roofline"] = 1
+    assert "| Qwen2.5-7B | wuneng | 8192 | (roofline v1: rerun) |" in ft.markdown(cache)
