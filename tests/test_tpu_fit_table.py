@@ -19,7 +19,12 @@ def _entry(point, status, used, tokens_s=None):
     e["largest"] = [{"kind": "argument", "name": "w", "shape": "f32[1]", "nbytes": 3 * 2**20}]
     e["largest_temporaries"] = [{"kind": "temporary", "name": "x", "shape": "f32[1]", "nbytes": 2**20}]
     if tokens_s:
-        e["predicted"] = {"step_s": T / tokens_s, "tokens_per_s_per_chip": tokens_s, "mfu": 0.4, "roofline": 2}
+        e["predicted"] = {
+            "step_s": T / tokens_s,
+            "tokens_per_s_per_chip": tokens_s,
+            "mfu": 0.4,
+            "roofline": 2,
+        }
     return e
 
 
