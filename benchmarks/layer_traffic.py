@@ -6,6 +6,8 @@ TPU compiler's optimized HLO (no TPU needed: libtpu's AOT compiler, as ``wuneng 
     python3 benchmarks/layer_traffic.py --reuse-dump          # re-read the kept HLO dumps (no compile)
     python3 benchmarks/layer_traffic.py --components --json benchmarks/results/layer_traffic_parts.json
                                                               # the WuNeng layer's parts alone (about 2 min)
+    python3 benchmarks/layer_traffic.py --full-depth --json benchmarks/results/layer_traffic_full.json
+                                                              # the scanned 24-layer steps, per layer and scope
 
 Settings (the issue's): the train step of ``qwen2.5-0.5b`` and ``wuneng-0.5b`` (default WuNeng settings:
 ``fusion: full``, ``state_query`` on, every layer hybrid), sequence 4096, one sequence per chip
@@ -653,6 +655,86 @@ def compile_family(family: str, layers: int, reuse: bool, variant: str = "") -> 
     return {**meta, "hlo": hlo.read_text()}
 
 
+def compile_full_depth(family: str, reuse: bool) -> dict[str, Any]:
+    """The full-depth train step as ``wuneng compile`` builds it (the layers scanned, not unrolled), with the
+    Qwen2 modules scoped; returns the optimized HLO and :mod:`benchmarks.roofline`'s step prediction."""
+    dump = DUMPS / f"{family}_full"
+    cached = _cached_dump(dump, "jit__lambda", reuse)
+    if cached is not None:
+        return cached
+    from benchmarks.long_context import Point, predicted_speed, train_config
+    from train.aot.compile import build_train, compile_train
+    from train.aot.topology import parse_topology
+
+    scope_qwen2_modules()
+    topo = parse_topology("v5p:2x2x1")
+    point = Point(PRESETS[family], "v5p:2x2x1", topo.num_chips, 4096, 1, "splash")
+    t0 = time.perf_counter()
+    target = build_train(train_config(point), topo)
+    report, compiled = compile_train(target, keep_dump=str(dump))
+    if compiled is None:
+        raise SystemExit(f"{family} full depth: {report.status}: {report.error}")
+    hlo = next(iter(sorted(dump.glob("*jit__lambda*.after_optimizations.txt")))).read_text()
+    meta = {
+        "compile_s": round(time.perf_counter() - t0, 1),
+        "num_layers": int(target.model_cfg.num_layers),
+        "predicted": predicted_speed(hlo, target, topo.chip, point),
+    }
+    (dump / "cost.json").write_text(json.dumps(meta))
+    print(f"  compiled {family} at full depth in {meta['compile_s']} s", flush=True)
+    return {**meta, "hlo": hlo}
+
+
+def full_depth(args: argparse.Namespace) -> int:
+    """``--full-depth``: both families' scanned steps side by side, per scope and pass, per layer (the loop
+    body's instructions once; everything else once per step), with the predicted step times."""
+    results: dict[str, Any] = {"settings": {"presets": PRESETS, "seq_len": 4096, "topology": "v5p:2x2x1"}}
+    tables, steps = {}, {}
+    for fam in PRESETS:
+        c = compile_full_depth(fam, args.reuse_dump)
+        prog = Program(c.pop("hlo"))
+        layers = c["num_layers"]
+        per: dict[tuple[str, str], Cost] = collections.defaultdict(Cost)
+        for comp, ins, times in prog.executed():
+            cost = prog.instr_cost(comp, ins)
+            if cost is None:
+                continue
+            phase, scope = classify(ins)
+            if times == layers and scope == "loss vocab-tile loop":  # unscoped work of the scanned layers
+                scope = "layer (unscoped)"
+            per[(phase, scope)].add(cost, times / layers if times == layers else times)
+        tables[fam], steps[fam] = per, c["predicted"]["step_s"]
+        results[fam] = {
+            **c,
+            "by_scope": {
+                f"{p}|{sc}": {**dataclasses.asdict(v), "seconds": seconds(v)} for (p, sc), v in per.items()
+            },
+        }
+    results["wuneng_over_qwen2_step"] = steps["wuneng"] / steps["qwen2"]
+    print(
+        "\nFull-depth steps (scanned layers), the compiler's HLO costed by benchmarks/roofline.py (estimates):"
+    )
+    for fam in PRESETS:
+        print(f"  {fam:7} predicted step {steps[fam] * 1e3:7.2f} ms")
+    print(f"  wuneng / qwen2: {results['wuneng_over_qwen2_step']:.3f}x")
+    print("\nPer scope and pass: the layer loop's instructions per layer, the rest per step (MB, GFLOP, ms):")
+    print(
+        f"  {'pass':6} {'scope':30}" + "".join(f" | {f + ' MB':>11} {'GFLOP':>8} {'ms':>7}" for f in PRESETS)
+    )
+    for key in sorted(set(tables["qwen2"]) | set(tables["wuneng"])):
+        cs = [tables[f].get(key, Cost()) for f in PRESETS]
+        if all(c.bytes < 1e6 and c.flops < 1e8 for c in cs):
+            continue
+        print(
+            f"  {key[0]:6} {key[1]:30}"
+            + "".join(f" | {c.bytes / 1e6:11.1f} {c.flops / 1e9:8.2f} {seconds(c) * 1e3:7.3f}" for c in cs)
+        )
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
 def compile_isolated(family: str, reuse: bool) -> dict[str, Any]:
     """One decoder layer alone on one v5p chip: forward, remat recomputation and backward of
     ``layer(h, ctx).h`` (``jax.checkpoint`` as ``remat=full`` wraps it; gradients for the float32
@@ -827,10 +909,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the WuNeng layer's parts alone (fast; see compile_components)",
     )
+    ap.add_argument(
+        "--full-depth",
+        action="store_true",
+        help="the scanned full-depth steps instead: per-scope table per layer and the predicted step times",
+    )
     ap.add_argument("--top", type=int, default=15, help="largest single instructions listed per family")
     ap.add_argument("--json", default=str(RESULTS))
     args = ap.parse_args(argv)
     platform_defaults()
+    if args.full_depth:
+        return full_depth(args)
     if args.components:
         scope_qwen2_modules()
         print("WuNeng layer parts alone, forward + backward, one v5p chip (the compiler's cost analysis):")
