@@ -138,3 +138,20 @@ def test_supported_head_sizes_and_errors():
         middle_heads(a, jnp.zeros((1, 8, 3, 40)), w, c, g)
     with pytest.raises(ValueError, match=r"expected gate_w of shape \(4, 80, 40\)"):
         middle_heads(a, n, w[:, :40], c, g)
+
+
+def test_gpu_branch_formula_and_gradient_match_the_kernels(x64):
+    """``impl="pallas"`` on a CUDA backend runs the kernels' math in jnp on the same feature-major arrays
+    (``_formula_fm``) and its JAX gradient (``_cuda_bwd``); both against the interpreted Mosaic kernels."""
+    args, dm = _case(2, 12, 6, 3, 16, seed=7)
+    a, n, w, c, g = args
+    b, t, h, d = a.shape
+    fm = lambda x: x.reshape(b, t, -1).transpose(0, 2, 1)
+    t_w = lambda x: x.transpose(0, 2, 1)
+    xs = (fm(a), fm(n), t_w(w[:, :d]), t_w(w[:, d:]), c[..., None], g[..., None])
+    kernel_out = mh_mod._fwd_tpu(*xs, interpret=True)
+    assert _rel(mh_mod._formula_fm(*xs), kernel_out) <= 1e-13
+    for got, want in zip(
+        mh_mod._cuda_bwd(*xs, fm(dm)), mh_mod._bwd_tpu(*xs, fm(dm), interpret=True), strict=True
+    ):
+        assert _rel(got, want) <= 1e-12
