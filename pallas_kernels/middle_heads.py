@@ -93,25 +93,60 @@ def _gate(a, n, wa_t, wn_t, c):
     return 1.0 / (1.0 + jnp.exp(-z))
 
 
+def _middle(a, n, s, g):
+    """``m = a + γ σ(z) (n - a)`` in float32 from the block's ``σ(z)``."""
+    af, nf = a.astype(s.dtype), n.astype(s.dtype)
+    return af + g.astype(s.dtype) * s * (nf - af)
+
+
 def _fwd_kernel(a_ref, n_ref, wa_ref, wn_ref, c_ref, g_ref, m_ref):
     a, n = a_ref[...], n_ref[...]
     s = _gate(a, n, wa_ref[...], wn_ref[...], c_ref[...])
-    af, nf = a.astype(s.dtype), n.astype(s.dtype)
-    m_ref[...] = (af + g_ref[...].astype(s.dtype) * s * (nf - af)).astype(m_ref.dtype)
+    m_ref[...] = _middle(a, n, s, g_ref[...]).astype(m_ref.dtype)
 
 
-def _bwd_kernel(a_ref, n_ref, wa_ref, wn_ref, c_ref, g_ref, dm_ref, *out_refs):
-    da_ref, dn_ref, dwa_ref, dwn_ref, dc_ref, dg_ref = out_refs
+def _fwd_proj_kernel(a_ref, n_ref, wa_ref, wn_ref, c_ref, g_ref, wo_ref, y_ref, acc_ref):
+    """Grid ``(B, T/bt, H)``: ``y^T = Σ_h W_o[h]^T m_h^T`` accumulated over the heads (innermost) in VMEM."""
+    h = pl.program_id(2)
+
+    @pl.when(h == 0)
+    def _():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
+
+    a, n = a_ref[...], n_ref[...]
+    m = _middle(a, n, _gate(a, n, wa_ref[...], wn_ref[...], c_ref[...]), g_ref[...])
+    acc_ref[...] += _dot(wo_ref[...], m.astype(a.dtype), 0, 0, acc_ref.dtype)
+
+    @pl.when(h == pl.num_programs(2) - 1)
+    def _():
+        y_ref[...] = acc_ref[...].astype(y_ref.dtype)
+
+
+def _bwd_kernel(a_ref, n_ref, wa_ref, wn_ref, c_ref, g_ref, *refs, proj: bool):
+    """Grid ``(H, B, T/bt)``. Without ``proj``: ``refs`` = ``dm`` then the six gradients. With ``proj``: ``W_o``,
+    ``dy`` (the gradient of ``y``) then the six gradients and ``dW_o``; ``dm = W_o dy`` per head."""
+    if proj:
+        wo_ref, dy_ref, da_ref, dn_ref, dwa_ref, dwn_ref, dc_ref, dg_ref, dwo_ref = refs
+        acc = (dwa_ref, dwn_ref, dc_ref, dg_ref, dwo_ref)
+    else:
+        dm_ref, da_ref, dn_ref, dwa_ref, dwn_ref, dc_ref, dg_ref = refs
+        acc = (dwa_ref, dwn_ref, dc_ref, dg_ref)
 
     @pl.when((pl.program_id(1) == 0) & (pl.program_id(2) == 0))
     def _():  # a head's weight gradients start at zero on its first (row, token block)
-        for ref in (dwa_ref, dwn_ref, dc_ref, dg_ref):
+        for ref in acc:
             ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
     a, n, wa_t, wn_t = a_ref[...], n_ref[...], wa_ref[...], wn_ref[...]
     s = _gate(a, n, wa_t, wn_t, c_ref[...])
     f = s.dtype
-    af, nf, dm, g = a.astype(f), n.astype(f), dm_ref[...].astype(f), g_ref[...].astype(f)
+    af, nf, g = a.astype(f), n.astype(f), g_ref[...].astype(f)
+    if proj:
+        dy = dy_ref[...]
+        dm = _dot(wo_ref[...], dy, 1, 0, f)  # [D, r] x [r, bt]
+        dwo_ref[...] += _dot(_middle(a, n, s, g).astype(a.dtype), dy, 1, 1, dwo_ref.dtype)
+    else:
+        dm = dm_ref[...].astype(f)
     gs = g * s
     dm_d = dm * (nf - af)  # ∂L/∂(γ ⊙ s)
     dz = (dm_d * g * s * (1.0 - s)).astype(a.dtype)  # MXU operand in the compute dtype
@@ -127,79 +162,108 @@ def _block_tokens(seq_len: int) -> int:
     return seq_len if seq_len <= BLOCK_TOKENS else BLOCK_TOKENS
 
 
-def _call(kernel, name: str, inputs, outputs, products: int, backward: bool, interpret: bool):
-    """One ``pallas_call`` over grid ``(H, B, T/bt)``; ``inputs`` = ``a^T`` ``[B,H·D,T]``, ``n^T`` ``[B,G·D,T]``,
-    the four ``[H,D,·]`` weights (and ``dm^T`` last in the backward); ``outputs``: ``(shape, dtype, kind)``
-    with kind ``a`` (a head's rows), ``m`` (its ``[D,D]`` matrix) or ``v`` (its ``[D,1]`` vector)."""
+def _call(
+    kernel, name: str, inputs, kinds: str, outputs, products: int, backward: bool, interpret: bool, **kw
+):
+    """One ``pallas_call``; ``inputs`` start with ``a^T`` ``[B,H·D,T]``, ``n^T`` ``[B,G·D,T]``, ``W^{aT}``
+    ``[H,D,D]``; ``kinds`` (one per input) and the outputs' ``(shape, dtype, kind)`` name the blocks: ``a`` a
+    head's rows, ``n`` its group's rows, ``m`` its ``[D,D]`` matrix, ``v`` its ``[D,1]`` vector, ``o`` its
+    ``[D,r]`` output projection, ``y`` the ``[r,bt]`` rows of a ``[B,r,T]`` array. Grid ``(H, B, T/bt)``, or
+    ``(B, T/bt, H)`` when ``kw["heads_last"]`` (a forward that sums over the heads)."""
     a, n, wa_t = inputs[0], inputs[1], inputs[2]
     bsz, _, seq_len = a.shape
     heads, d = wa_t.shape[0], wa_t.shape[1]
     per_group = heads // (n.shape[1] // d)
     bt = _block_tokens(seq_len)
-    spec = {
-        "a": pl.BlockSpec((None, d, bt), lambda h, b, t: (b, h, t)),
-        "n": pl.BlockSpec((None, d, bt), lambda h, b, t: (b, h // per_group, t)),
-        "m": pl.BlockSpec((None, d, d), lambda h, b, t: (h, 0, 0)),
-        "v": pl.BlockSpec((None, d, 1), lambda h, b, t: (h, 0, 0)),
+    rank = next((x.shape[2] for x, k in zip(inputs, kinds, strict=True) if k == "o"), 0)
+    maps = {  # block index of (head, row, token block)
+        "a": lambda h, b, t: (b, h, t),
+        "n": lambda h, b, t: (b, h // per_group, t),
+        "m": lambda h, b, t: (h, 0, 0),
+        "v": lambda h, b, t: (h, 0, 0),
+        "o": lambda h, b, t: (h, 0, 0),
+        "y": lambda h, b, t: (b, 0, t),
     }
+    shapes = {"a": (d, bt), "n": (d, bt), "m": (d, d), "v": (d, 1), "o": (d, rank), "y": (rank, bt)}
+    heads_last = kw.pop("heads_last", False)
+    order = (lambda b, t, h: (h, b, t)) if heads_last else (lambda h, b, t: (h, b, t))
+    spec = {k: pl.BlockSpec((None, *shapes[k]), lambda *g, k=k: maps[k](*order(*g))) for k in shapes}
     out_shape = [out_struct(shape, dtype, *inputs) for shape, dtype, _ in outputs]
     traffic = sum(x.size * jnp.dtype(x.dtype).itemsize for x in (*inputs, *out_shape))
     cost = pl.CostEstimate(
-        flops=2 * products * bsz * seq_len * d * d * heads,
+        flops=2 * bsz * seq_len * heads * d * (products * d + (2 if backward else 1) * rank),
         transcendentals=bsz * seq_len * d * heads,
         bytes_accessed=int(traffic),
     )
-    semantics = ("parallel", "arbitrary", "arbitrary") if backward else ("parallel",) * 3
+    if heads_last:
+        grid, semantics = (bsz, seq_len // bt, heads), ("parallel", "parallel", "arbitrary")
+    else:
+        grid = (heads, bsz, seq_len // bt)
+        semantics = ("parallel", "arbitrary", "arbitrary") if backward else ("parallel",) * 3
     return pl.pallas_call(
         kernel,
-        grid=(heads, bsz, seq_len // bt),
-        in_specs=[spec[k] for k in "anmmvv"] + ([spec["a"]] if backward else []),
+        grid=grid,
+        in_specs=[spec[k] for k in kinds],
         out_specs=[spec[k] for _, _, k in outputs],
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
         cost_estimate=cost,
         interpret=interpret,
         name=name,
+        **kw,
     )(*inputs)
 
 
-def _fwd_tpu(a, n, wa_t, wn_t, c, g, *, interpret: bool):
-    (m,) = _call(
-        _fwd_kernel,
-        "middle_heads_fwd",
-        (a, n, wa_t, wn_t, c, g),
-        [(a.shape, a.dtype, "a")],
-        2,
-        False,
-        interpret,
-    )
-    return m
+def _fwd_tpu(a, n, wa_t, wn_t, c, g, *wo, interpret: bool):
+    xs = (a, n, wa_t, wn_t, c, g, *wo)
+    if not wo:
+        (m,) = _call(
+            _fwd_kernel, "middle_heads_fwd", xs, "anmmvv", [(a.shape, a.dtype, "a")], 2, False, interpret
+        )
+        return m
+    bsz, _, seq_len = a.shape
+    rank = wo[0].shape[2]
+    f = _f32(a)
+    scratch = [pltpu.VMEM((rank, _block_tokens(seq_len)), f)]
+    outs = [((bsz, rank, seq_len), a.dtype, "y")]
+    (y,) = _call(
+        _fwd_proj_kernel, "middle_heads_fwd", xs, "anmmvvo", outs, 2, False, interpret,
+        heads_last=True, scratch_shapes=scratch,
+    )  # fmt: skip
+    return y
 
 
-def _bwd_tpu(a, n, wa_t, wn_t, c, g, dm, *, interpret: bool):
+def _bwd_tpu(a, n, wa_t, wn_t, c, g, *rest, interpret: bool):
+    """``rest`` = ``(dm,)`` or ``(W_o, dy)``."""
+    proj = len(rest) == 2
     f = _f32(a)
     outs = [(a.shape, a.dtype, "a"), (a.shape, n.dtype, "a"), (wa_t.shape, f, "m"), (wn_t.shape, f, "m")]
-    outs += [(c.shape, f, "v"), (g.shape, f, "v")]
-    inputs = (a, n, wa_t, wn_t, c, g, dm)
-    da, dn_h, *dw = _call(_bwd_kernel, "middle_heads_bwd", inputs, outs, 6, True, interpret)
+    outs += [(c.shape, f, "v"), (g.shape, f, "v")] + ([(rest[0].shape, f, "o")] if proj else [])
+    inputs = (a, n, wa_t, wn_t, c, g, *rest)
+    kinds = "anmmvv" + ("oy" if proj else "a")
+    kernel = functools.partial(_bwd_kernel, proj=proj)
+    da, dn_h, *dw = _call(kernel, "middle_heads_bwd", inputs, kinds, outs, 6, True, interpret)
     bsz, _, seq_len = n.shape
     groups, d = n.shape[1] // wa_t.shape[1], wa_t.shape[1]
     dn_h = dn_h.reshape(bsz, groups, -1, d, seq_len).astype(f)
     dn = dn_h.sum(axis=2).reshape(n.shape)  # over each group's heads, in float32
-    return (da, dn.astype(n.dtype), *(x.astype(y.dtype) for x, y in zip(dw, inputs[2:6], strict=True)))
+    weights = (wa_t, wn_t, c, g, *rest[:1]) if proj else (wa_t, wn_t, c, g)
+    grads = (da, dn.astype(n.dtype), *(x.astype(y.dtype) for x, y in zip(dw, weights, strict=True)))
+    return grads
 
 
 # ------------------------------------------------------------------------------------------- VJP + layout
 
 
-def _formula_fm(a, n, wa_t, wn_t, c, g):
+def _formula_fm(a, n, wa_t, wn_t, c, g, *wo):
     """The kernels' math in ``jnp`` on whole feature-major arrays: the ``cuda`` branch."""
     bsz, _, seq_len = a.shape
     heads, d = wa_t.shape[0], wa_t.shape[1]
     a4 = a.reshape(bsz, heads, d, seq_len)
     n4 = jnp.repeat(n.reshape(bsz, -1, d, seq_len), heads // (n.shape[1] // d), axis=1)
     z = jnp.einsum("hed,bhdt->bhet", wa_t, a4) + jnp.einsum("hed,bhdt->bhet", wn_t, n4) + c
-    return (a4 + g * jax.nn.sigmoid(z) * (n4 - a4)).reshape(a.shape)
+    m = a4 + g * jax.nn.sigmoid(z) * (n4 - a4)
+    return jnp.einsum("hdr,bhdt->brt", wo[0], m) if wo else m.reshape(a.shape)
 
 
 def _dispatch(interpret: bool, tpu_fn, cuda_fn, *args):
@@ -233,9 +297,9 @@ def _kernels_bwd(interpret, xs, dm):
 _kernels.defvjp(_kernels_fwd, _kernels_bwd)
 
 
-def _pallas(a, n, gate_w, gate_b, gamma, interpret: bool, partition: Partition | None):
+def _pallas(a, n, gate_w, gate_b, gamma, w_out, interpret: bool, partition: Partition | None):
     """The kernels on the feature-major views (module docstring), the sequence padded to whole token blocks,
-    under a mesh inside ``shard_map``."""
+    under a mesh inside ``shard_map`` (a projected output summed over the head shards)."""
     bsz, seq_len, hh, d = a.shape
     fm = lambda x: x.reshape(bsz, seq_len, -1).transpose(0, 2, 1)  # [B,T,H,D] -> [B,H·D,T]
     rows = [fm(a), fm(n)]
@@ -244,16 +308,24 @@ def _pallas(a, n, gate_w, gate_b, gamma, interpret: bool, partition: Partition |
         rows = [jnp.pad(x, ((0, 0), (0, 0), (0, pad))) for x in rows]
     t_w = lambda w: w.transpose(0, 2, 1)  # W^T per head
     weights = [t_w(gate_w[:, :d]), t_w(gate_w[:, d:]), gate_b[..., None], gamma[..., None]]
+    if w_out is not None:
+        weights.append(w_out.reshape(hh, d, -1))
     call = functools.partial(_kernels, interpret)
     mesh = jax.sharding.get_abstract_mesh()
     axes = None if mesh.empty else _kernel_partition(mesh, bsz, n.shape[2], seq_len + pad, partition)
     if axes is not None:  # heads split in whole groups: each device keeps its heads' groups
         bx, hx, sx = (_spec_axes(x) for x in axes)
         row_spec, head_spec = P(bx, hx, sx), P(hx, None, None)
-        specs = (row_spec, row_spec) + (head_spec,) * 4
-        call = jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=row_spec, check_vma=False)
-    m = call(*rows, *weights)[:, :, :seq_len]
-    return m.transpose(0, 2, 1).reshape(a.shape)
+        specs = (row_spec, row_spec) + (head_spec,) * len(weights)
+        if w_out is None:
+            out_spec = row_spec
+        else:  # y sums over every head: a partial sum per head shard
+            out_spec = P(bx, None, sx)
+            if hx is not None:
+                call = lambda *xs, call=call, hx=hx: jax.lax.psum(call(*xs), hx)  # noqa: E731
+        call = jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=out_spec, check_vma=False)
+    out = call(*rows, *weights)[:, :, :seq_len].transpose(0, 2, 1)
+    return out if w_out is not None else out.reshape(a.shape)
 
 
 def middle_heads(
@@ -263,15 +335,18 @@ def middle_heads(
     gate_b: jax.Array,
     gamma: jax.Array,
     *,
+    w_out: jax.Array | None = None,
     impl: str = "xla",
     interpret: bool = False,
     partition: Partition | None = None,
 ) -> jax.Array:
-    """The middle heads ``m`` ``[B,T,H,D]`` (module docstring) in ``a``'s dtype.
+    """The middle heads ``m`` ``[B,T,H,D]`` (module docstring) in ``a``'s dtype, or with ``w_out`` their
+    projection ``m W_out`` ``[B,T,r]`` (``m`` flattened to ``[B,T,H·D]``): the kernels then sum each head's
+    share into the output on chip, so ``m`` is never written (nor its gradient read).
 
     Args:
       a: ``[B,T,H,D]``; n: ``[B,T,G,D]`` (``G`` divides ``H``); gate_w ``[H,2D,D]``; gate_b, gamma ``[H,D]``;
-        all in one floating dtype (the compute dtype).
+        w_out: optional ``[H·D, r]``; all in one floating dtype (the compute dtype).
       impl: ``"xla"`` or ``"pallas"`` (needs :func:`kernel_supported`); interpret: run the Mosaic kernels in
         the Pallas interpreter on any platform (tests).
       partition: ``(batch_axes, head_axes[, sequence_axes])`` of ``a`` under a mesh (``impl="pallas"`` runs in a
@@ -291,11 +366,14 @@ def middle_heads(
     ):
         if w.shape != shape:
             raise ValueError(f"middle_heads: expected {label} of shape {shape}; got {w.shape}")
+    if w_out is not None and (w_out.ndim != 2 or w_out.shape[0] != hh * d):
+        raise ValueError(f"middle_heads: expected w_out of shape [H·D, r] = [{hh * d}, r]; got {w_out.shape}")
     if impl == "xla":
-        return middle_heads_xla(a, n, gate_w, gate_b, gamma)
+        m = middle_heads_xla(a, n, gate_w, gate_b, gamma)
+        return m if w_out is None else m.reshape(*a.shape[:2], -1) @ w_out
     if not kernel_supported(hh, d):
         raise ValueError(
             f"middle_heads: impl='pallas' needs a head size that is a multiple of {SUBLANES}; got D={d}. "
             "Use impl='xla'."
         )
-    return _pallas(a, n, gate_w, gate_b, gamma, interpret, partition)
+    return _pallas(a, n, gate_w, gate_b, gamma, w_out, interpret, partition)

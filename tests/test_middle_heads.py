@@ -155,3 +155,62 @@ def test_gpu_branch_formula_and_gradient_match_the_kernels(x64):
         mh_mod._cuda_bwd(*xs, fm(dm)), mh_mod._bwd_tpu(*xs, fm(dm), interpret=True), strict=True
     ):
         assert _rel(got, want) <= 1e-12
+
+
+def _projected(shape, seed, rank=24, dtype=np.float64):
+    """Middle-heads arguments plus ``w_out`` ``[H·D, r]`` and the cotangent of the projected output."""
+    args, _ = _case(*shape, dtype=dtype, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    b, t, h, _, d = shape
+    w_out = jnp.asarray(rng.normal(size=(h * d, rank)) / np.sqrt(h * d), dtype)
+    dy = jnp.asarray(rng.normal(size=(b, t, rank)), dtype)
+    return (*args, w_out), dy
+
+
+def _projected_value_and_grads(impl, args, dy, **kw):
+    fn = lambda *xs: middle_heads(*xs[:5], w_out=xs[5], impl=impl, interpret=True, **kw)  # noqa: E731
+    y, vjp = jax.vjp(fn, *args)
+    return (y, *vjp(dy))
+
+
+@pytest.mark.parametrize("shape", [(2, 20, 14, 2, 64), (1, 12, 3, 1, 48), (2, 9, 6, 3, 16)])
+def test_projected_kernel_matches_the_formula_float64(x64, shape):
+    """``w_out``: the heads' projection summed on chip (grid heads-last, VMEM accumulator), its backward with
+    ``dW_out`` accumulated per head; values against the loop over heads, every gradient against JAX's."""
+    args, dy = _projected(shape, seed=11)
+    want = _numpy_middle_heads(*args[:5]).reshape(*shape[:2], -1) @ np.asarray(args[5])
+    got = _projected_value_and_grads("pallas", args, dy)
+    assert _rel(got[0], want) <= 1e-13
+    for i, (g, r) in enumerate(zip(got, _projected_value_and_grads("xla", args, dy), strict=True)):
+        assert _rel(g, r) <= 1e-12, i
+
+
+def test_projected_kernel_padding_blocks_mesh_and_gpu_branch(x64, monkeypatch):
+    """8-token blocks over T = 21 with 2 rows; under a mesh (heads in two groups over tensor: each device's
+    partial sum of the projection added by psum); the CUDA branch's formula and gradient."""
+    monkeypatch.setattr(mh_mod, "BLOCK_TOKENS", 8)
+    args, dy = _projected((2, 21, 4, 2, 64), seed=12)
+    ref = _projected_value_and_grads("xla", args, dy)
+    for g, r in zip(_projected_value_and_grads("pallas", args, dy), ref, strict=True):
+        assert _rel(g, r) <= 1e-12
+    devices = np.array(jax.devices()[:4]).reshape(2, 1, 2, 1)
+    mesh = Mesh(devices, ("data", "fsdp", "tensor", "sequence"), axis_types=(AxisType.Auto,) * 4)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
+        partition = wkv7_partition()
+        fn = jax.jit(lambda *xs: _projected_value_and_grads("pallas", xs[:6], xs[6], partition=partition))
+        assert "psum" in str(jax.make_jaxpr(fn)(*args, dy))
+        for g, r in zip(fn(*args, dy), ref, strict=True):
+            assert _rel(g, r) <= 1e-12
+    monkeypatch.setattr(mh_mod, "BLOCK_TOKENS", 512)  # the kernels called directly: one whole-T block
+    a, n, w, c, g, w_out = args
+    b, t, h, d = a.shape
+    fm = lambda x: x.reshape(b, t, -1).transpose(0, 2, 1)  # noqa: E731
+    xs = (fm(a), fm(n), w[:, :d].transpose(0, 2, 1), w[:, d:].transpose(0, 2, 1), c[..., None], g[..., None])
+    xs += (w_out.reshape(h, d, -1),)
+    dy_fm = dy.transpose(0, 2, 1)
+    assert _rel(mh_mod._formula_fm(*xs), mh_mod._fwd_tpu(*xs, interpret=True)) <= 1e-13
+    kernel = mh_mod._bwd_tpu(*xs, dy_fm, interpret=True)
+    for got, want in zip(mh_mod._cuda_bwd(*xs, dy_fm), kernel, strict=True):
+        assert _rel(got, want) <= 1e-12
+    with pytest.raises(ValueError, match=r"expected w_out of shape \[H·D, r\] = \[256, r\]"):
+        middle_heads(a, n, w, c, g, w_out=w_out[:8])

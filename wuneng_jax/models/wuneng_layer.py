@@ -223,26 +223,21 @@ def fuse_heads(p: Mapping[str, jax.Array], a: jax.Array, r: jax.Array, *, cfg: W
     nr = _state_norm(r, cfg.state_head_size, cfg.rms_norm_eps)
     if cfg.fusion == "add":
         return linear(flat(a + c("beta") * _per_query_head(nr, hh)), p["o_kernel"])
-    # the Pallas kernel wherever the recurrence runs as one (TPU: Mosaic), for the head sizes it takes
+    # the Pallas kernels wherever the recurrence runs as one (TPU: Mosaic), for the head sizes they take
     kernel = resolve_impl(cfg.wkv_impl) == "pallas" and kernel_supported(hh, a.shape[3])
-    m = middle_heads(
-        a,
-        nr,
-        c("gate_w"),
-        c("gate_b"),
-        c("gamma"),
-        impl="pallas" if kernel else "xla",
-        partition=ops.wkv7_partition(ACT_HEADS),
-    )
-    m = constrain(m, (BATCH, LENGTH, ACT_HEADS, None))
+    gate = (a, nr, c("gate_w"), c("gate_b"), c("gamma"))
+    kw = dict(impl="pallas" if kernel else "xla", partition=ops.wkv7_partition(ACT_HEADS))
+    heads = lambda m: constrain(m, (BATCH, LENGTH, ACT_HEADS, None))
     if cfg.fusion == "gate":
-        return linear(flat(m), p["o_kernel"])
+        return linear(flat(heads(middle_heads(*gate, **kw))), p["o_kernel"])
     # full: standard + state-driven + middle heads
     beta_nr = c("beta").reshape(-1) * flat(nr)
-    if "o_middle" in p:
-        middle = linear(flat(m), p["o_middle"])
+    if kernel and "o_middle_a" in p:  # the low-rank projection summed on chip: M never reaches HBM
+        middle = linear(middle_heads(*gate, w_out=c("o_middle_a"), **kw), p["o_middle_b"])
+    elif "o_middle" in p:
+        middle = linear(flat(heads(middle_heads(*gate, **kw))), p["o_middle"])
     else:
-        middle = linear(linear(flat(m), p["o_middle_a"]), p["o_middle_b"])
+        middle = linear(linear(flat(heads(middle_heads(*gate, **kw))), p["o_middle_a"]), p["o_middle_b"])
     return linear(flat(a), p["o_kernel"]) + linear(beta_nr, p["o_state"]) + middle
 
 
