@@ -127,7 +127,11 @@ def test_training_with_the_sequence_split_stays_within_the_resharding_drift(name
         f"re-sharded {np.max(np.abs(runs['reshard'][0] - exact)):.2e}, sequence split {from_exact:.2e}; "
         f"from the batch run — re-sharded {floor:.2e}, sequence split {drift:.2e}"
     )
-    assert from_exact <= 2 * max(own, resolution), (from_exact, own)
+    # WuNeng: which float32 run lands nearer float64 depends on the machine (its float order's chaotic growth,
+    # below): CI's measured the split at 2.5e-4 against the others' 6.2e-4, a 2-core AMD EPYC host of session 9 at
+    # 6.6e-4 against 2.5e-4 (2.7x; the code before that session: 2.8x). A broken split (a wrong state or K/V
+    # block carried between sequence blocks) fails the step-0 checks above and drifts by 1e-2 or more.
+    assert from_exact <= (4 if name == "wuneng_tiny" else 2) * max(own, resolution), (from_exact, own)
     # WuNeng's full fusion at this lr amplifies any change of float order ~3x per step (a plain re-sharding's
     # 1e-7 gradient difference grows to 7e-5 in loss), and the sequence split changes the order of the forward
     # itself (chunks, attention blocks: gradients 1.6e-6 apart, as far from float64 as the unsplit path's);
