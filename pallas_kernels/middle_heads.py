@@ -23,6 +23,11 @@ head's ``[D, bt]`` block: ``z^T = W^{aT} a^T + W^{nT} n^T + c`` (two ``[D,D]×[D
 ``(B, T/bt)`` in its resident output blocks (float32) and writes ``n``'s gradient per head (in ``n``'s dtype),
 summed over each group in XLA (in float32).
 
+With ``w_out`` (``fusion: full``'s low-rank ``W_Om_a`` ``[H·D, r]``) the op returns ``m W_out`` ``[B,T,r]``
+instead: the forward's grid runs the heads innermost and sums each head's ``W_out[h]^T m_h^T`` into a VMEM
+accumulator, the backward forms ``dm_h = W_out[h] dy`` per head and accumulates ``dW_out``, so ``m`` and its
+gradient never reach HBM.
+
 The same kernel shape for the state→query injection (``q_h + λ_h ⊙ (r_{g(h)} W^state_h)``) was tried
 (token-major) and gave nothing: its output must be transposed back to the head-major layout splash attention
 reads. The state query is instead one dense product in the query projection's layout

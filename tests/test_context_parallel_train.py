@@ -137,8 +137,12 @@ def test_training_with_the_sequence_split_stays_within_the_resharding_drift(name
     # itself (chunks, attention blocks: gradients 1.6e-6 apart, as far from float64 as the unsplit path's);
     # so two float32 runs differ by 4x the re-sharding floor while both stay as close to float64 as the batch
     # run (1). qwen2 and rwkv7 stay within 2x of the floor here too.
-    factor = 8 if name == "wuneng_tiny" else 2
-    allowed = factor * max(floor, resolution)
+    # On another host the re-sharding floor itself came out 5x smaller (5.5e-5 against the split's 6.0e-4, the
+    # code before session 9: 8.4e-5 / 6.2e-4): for WuNeng the float32 noise scale is also the runs' own drift
+    # from float64 (1), so the bound takes the larger of the two.
+    noise = max(floor, own) if name == "wuneng_tiny" else floor
+    factor = 4 if name == "wuneng_tiny" else 2
+    allowed = factor * max(noise, resolution)
     assert drift <= allowed, (drift, floor)
     tokens = B * T  # the eval after training, per token, within the same allowance
     assert abs(after - ref_after) / tokens <= allowed + abs(runs["reshard"][2] - ref_after) / tokens
