@@ -54,6 +54,17 @@ def _value_and_grads(impl, args, dm, **kw):
     return (m, *vjp(dm))
 
 
+def _on_mesh(fn, *xs):
+    """``fn(xs, partition)`` jitted under a ``data=2 × tensor=2`` mesh with the default logical rules: its
+    outputs and its jaxpr's text."""
+    devices = np.array(jax.devices()[:4]).reshape(2, 1, 2, 1)
+    mesh = Mesh(devices, ("data", "fsdp", "tensor", "sequence"), axis_types=(AxisType.Auto,) * 4)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
+        partition = wkv7_partition()
+        jitted = jax.jit(lambda *ys: fn(ys, partition))
+        return jitted(*xs), str(jax.make_jaxpr(jitted)(*xs))
+
+
 @pytest.fixture
 def x64():
     with jax.enable_x64(True):
@@ -110,13 +121,10 @@ def test_kernel_under_a_mesh_is_shard_mapped_and_exact(x64):
     gradients as without a mesh (the weight gradients summed over the batch shards by shard_map's transpose)."""
     args, dm = _case(2, 16, 4, 2, 64, seed=5)
     ref = _value_and_grads("xla", args, dm)
-    devices = np.array(jax.devices()[:4]).reshape(2, 1, 2, 1)
-    mesh = Mesh(devices, ("data", "fsdp", "tensor", "sequence"), axis_types=(AxisType.Auto,) * 4)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
-        partition = wkv7_partition()
-        fn = jax.jit(lambda *xs: _value_and_grads("pallas", xs[:5], xs[5], partition=partition))
-        assert "shard_map" in str(jax.make_jaxpr(fn)(*args, dm))
-        got = fn(*args, dm)
+    got, jaxpr = _on_mesh(
+        lambda xs, partition: _value_and_grads("pallas", xs[:5], xs[5], partition=partition), *args, dm
+    )
+    assert "shard_map" in jaxpr
     for g, r in zip(got, ref, strict=True):
         assert _rel(g, r) <= 1e-12
 
@@ -193,14 +201,11 @@ def test_projected_kernel_padding_blocks_mesh_and_gpu_branch(x64, monkeypatch):
     ref = _projected_value_and_grads("xla", args, dy)
     for g, r in zip(_projected_value_and_grads("pallas", args, dy), ref, strict=True):
         assert _rel(g, r) <= 1e-12
-    devices = np.array(jax.devices()[:4]).reshape(2, 1, 2, 1)
-    mesh = Mesh(devices, ("data", "fsdp", "tensor", "sequence"), axis_types=(AxisType.Auto,) * 4)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
-        partition = wkv7_partition()
-        fn = jax.jit(lambda *xs: _projected_value_and_grads("pallas", xs[:6], xs[6], partition=partition))
-        assert "psum" in str(jax.make_jaxpr(fn)(*args, dy))
-        for g, r in zip(fn(*args, dy), ref, strict=True):
-            assert _rel(g, r) <= 1e-12
+    run = lambda xs, partition: _projected_value_and_grads("pallas", xs[:6], xs[6], partition=partition)  # noqa: E731
+    got, jaxpr = _on_mesh(run, *args, dy)
+    assert "psum" in jaxpr
+    for g, r in zip(got, ref, strict=True):
+        assert _rel(g, r) <= 1e-12
     monkeypatch.setattr(mh_mod, "BLOCK_TOKENS", 512)  # the kernels called directly: one whole-T block
     a, n, w, c, g, w_out = args
     b, t, h, d = a.shape
