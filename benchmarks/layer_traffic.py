@@ -68,7 +68,6 @@ SCOPES = (
     "attn_out",
     "mlp",
     "wuneng_qkv",
-    "token_shift",
     "state_proj",
     "state_keys",
     "decay_lora",

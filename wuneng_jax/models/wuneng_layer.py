@@ -124,23 +124,25 @@ def state_read(
     c = lambda name: p[name].astype(dt)
     b, t, _ = u.shape
     n = cfg.state_head_size
-    with jax.named_scope("token_shift"):
-        uu = ops.token_shift(u, None if state is None else state.shift, reset) - u
     with jax.named_scope("state_proj"):
-        # The five token-shift mixes feed five projections; (u + uu ⊙ μ_m) W_m = [u, uu] [W_m; μ_m ⊙ W_m], so
-        # one matmul of [u, uu] computes them all (no [B,T,d] mix per projection, one backward product).
+        # The five token-shift mixes u_m = u + (u_prev - u) ⊙ μ_m feed five projections, and
+        # u_m W_m = u [(1 - μ_m) ⊙ W_m] + u_prev [μ_m ⊙ W_m]; the shift commutes with a per-token product, so
+        # one product of u gives both halves and the second is shifted after it (no [B,T,d] mix or shifted
+        # copy of u; the shift moves the narrow [B,T,C] half).
         heads = (
             ("r", p["r_proj"]),
             ("kappa", p["kappa_proj"]),
-            ("w", c("w1")),
-            ("a", c("a1")),
-            ("g", c("g1")),
+            ("w", p["w1"]),
+            ("a", p["a1"]),
+            ("g", p["g1"]),
         )
-        top = [w.astype(dt) for _, w in heads]
-        bottom = [c(f"mu_{m}")[:, None] * w.astype(dt) for m, w in heads]
-        sizes = [w.shape[1] for w in top]
-        weight = jnp.concatenate([jnp.concatenate(top, axis=1), jnp.concatenate(bottom, axis=1)], axis=0)
-        y = linear(jnp.concatenate([u, uu], axis=-1), weight)
+        mu = [p[f"mu_{m}"][:, None].astype(w.dtype) for m, w in heads]
+        now = jnp.concatenate([(1 - m) * w for m, (_, w) in zip(mu, heads, strict=True)], axis=1).astype(dt)
+        prev = jnp.concatenate([m * w for m, (_, w) in zip(mu, heads, strict=True)], axis=1).astype(dt)
+        sizes = [w.shape[1] for _, w in heads]
+        y_now, y_prev = jnp.split(linear(u, jnp.concatenate([now, prev], axis=1)), 2, axis=-1)
+        carried = None if state is None else linear(state.shift, prev, dtype=dt)
+        y = y_now + ops.token_shift(y_prev, carried, reset)
         r_hat, kappa, w_h, a_h, g_h = jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1)
     with jax.named_scope("decay_lora"):  # ops.decay_log after its first product
         f32 = jnp.promote_types(dt, jnp.float32)
@@ -230,15 +232,15 @@ def fuse_heads(p: Mapping[str, jax.Array], a: jax.Array, r: jax.Array, *, cfg: W
     heads = lambda m: constrain(m, (BATCH, LENGTH, ACT_HEADS, None))
     if cfg.fusion == "gate":
         return linear(flat(heads(middle_heads(*gate, **kw))), p["o_kernel"])
-    # full: standard + state-driven + middle heads
+    # full: standard + state-driven + middle heads; the last two share one product (one [B,T,d] output
+    # fewer to write and add: both inputs are narrow with the default low-rank W_Om)
     beta_nr = c("beta").reshape(-1) * flat(nr)
-    if kernel and "o_middle_a" in p:  # the low-rank projection summed on chip: M never reaches HBM
-        middle = linear(middle_heads(*gate, w_out=c("o_middle_a"), **kw), p["o_middle_b"])
-    elif "o_middle" in p:
-        middle = linear(flat(heads(middle_heads(*gate, **kw))), p["o_middle"])
-    else:
-        middle = linear(linear(flat(heads(middle_heads(*gate, **kw))), p["o_middle_a"]), p["o_middle_b"])
-    return linear(flat(a), p["o_kernel"]) + linear(beta_nr, p["o_state"]) + middle
+    if "o_middle" in p:
+        mid, w_mid = flat(heads(middle_heads(*gate, **kw))), p["o_middle"]
+    else:  # low rank: the op applies W_Om_a (the kernels on chip, so M never reaches HBM)
+        mid, w_mid = middle_heads(*gate, w_out=c("o_middle_a"), **kw), p["o_middle_b"]
+    side = linear(jnp.concatenate([beta_nr, mid], axis=-1), jnp.concatenate([c("o_state"), w_mid.astype(dt)]))
+    return linear(flat(a), p["o_kernel"]) + side
 
 
 def hybrid_attention(
