@@ -284,6 +284,22 @@ class Instr:
         return _array_bytes(self.type)
 
 
+def _int_constant(ins: Instr | None) -> int | None:
+    """The value of an integer scalar ``constant`` instruction (any width, signed or not), else None."""
+    if ins is None or ins.opcode != "constant" or not re.match(r"[su]\d+\[\]", ins.type):
+        return None
+    m = re.match(r"constant\((-?\d+)\)", ins.attrs)
+    return int(m.group(1)) if m else None
+
+
+def _tuple_index(ins: Instr | None) -> int | None:
+    """``i`` of a ``get-tuple-element(..., index=i)``, else None."""
+    if ins is None or ins.opcode != "get-tuple-element":
+        return None
+    m = re.search(r"index=(\d+)", ins.attrs)
+    return int(m.group(1)) if m else None
+
+
 def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
     """computations (name -> instructions) and the entry computation's name."""
     comps: dict[str, list[Instr]] = {}
@@ -486,21 +502,45 @@ class Program:
             return Cost(max(float(sum(operand_bytes) + out), float(declared.group(3))), flops, 1.0)
         return Cost(float(sum(operand_bytes) + out), flops, 1.0)
 
-    def trip_count(self, loop: Instr) -> int:
-        """A while loop's trip count: its known_trip_count, else the constant its condition compares the
-        counter with (``lt(i, N)`` from 0, as ``lax.scan`` emits)."""
+    def trip_count(self, loop: Instr, comp: str = "") -> int:
+        """A while loop's trip count: its known_trip_count, else counted from the loop's own arithmetic: the
+        condition ``counter < bound`` (any integer type), the body's ``counter + step`` and the counter's
+        initial constant in ``comp``, the loop's computation (0 when not a constant). ``lax.scan`` emits
+        ``s32`` counters from 0 by 1; the SPMD partitioner's windowed dot loops (the collective matmuls of
+        FSDP over 8 or more chips) ``u32`` counters stepping by 2."""
         known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs)
         if known:
             return int(known.group(1))
         cond = re.search(r"condition=%([\w.\-]+)", loop.attrs)
-        consts = [
-            int(m.group(1))
-            for i in self.comps.get(cond.group(1) if cond else "", [])
-            if i.opcode == "constant" and i.type.startswith("s32[]")
-            for m in [re.match(r"constant\((-?\d+)\)", i.attrs)]
-            if m
-        ]
-        return consts[0] if len(consts) == 1 else 1
+        body = re.search(r"body=%([\w.\-]+)", loop.attrs)
+        cond_ins = self.comps.get(cond.group(1) if cond else "", [])
+        if not cond_ins or cond_ins[-1].opcode != "compare" or "direction=LT" not in cond_ins[-1].attrs:
+            return 1
+        named = {i.name: i for i in cond_ins}
+        counter, bound = (named.get(o) for o in cond_ins[-1].operands[:2])
+        index = _tuple_index(counter)
+        limit = _int_constant(bound)
+        if index is None or limit is None:
+            return 1
+        step, start = 1, 0
+        body_ins = self.comps.get(body.group(1) if body else "", [])
+        if body_ins and body_ins[-1].opcode == "tuple" and index < len(body_ins[-1].operands):
+            named = {i.name: i for i in body_ins}
+            nxt = named.get(body_ins[-1].operands[index])
+            if nxt is not None and nxt.opcode == "add":
+                a, b = (named.get(o) for o in nxt.operands[:2])
+                if _tuple_index(a) == index and _int_constant(b) is not None:
+                    step = _int_constant(b) or 1
+                elif _tuple_index(b) == index and _int_constant(a) is not None:
+                    step = _int_constant(a) or 1
+        named = {i.name: i for i in self.comps.get(comp, [])}
+        init = named.get(loop.operands[0]) if loop.operands else None
+        if init is not None and init.opcode == "tuple" and index < len(init.operands):
+            src = named.get(init.operands[index])
+            while src is not None and src.opcode == "copy" and src.operands:
+                src = named.get(src.operands[0])
+            start = _int_constant(src) or 0
+        return max(1, -(-(limit - start) // max(step, 1)))
 
     def executed(self) -> list[tuple[str, Instr, float]]:
         """(computation, instruction, times executed) for every non-fused instruction reachable from the
@@ -515,7 +555,7 @@ class Program:
                 if i.opcode == "while":
                     body = re.search(r"body=%([\w.\-]+)", i.attrs)
                     if body:
-                        visit(body.group(1), times * self.trip_count(i), depth + 1)
+                        visit(body.group(1), times * self.trip_count(i, comp), depth + 1)
                 elif i.opcode == "call":
                     called = re.search(r"to_apply=%([\w.\-]+)", i.attrs)
                     if called:

@@ -27,6 +27,7 @@ backward, remat recomputation not counted) per step / (chips · peak · ``step_s
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,18 @@ if str(ROOT) not in sys.path:
 from benchmarks.layer_traffic import COLLECTIVES, DECLARED, Program  # noqa: E402
 
 #: the costing rules' version, stored with every prediction; 2: on-chip (``S(1)``) arrays are not HBM traffic
-#: and a stacked operand sliced in a nested fusion costs its slice (version 1 counted both in full)
-ROOFLINE_VERSION = 2
+#: and a stacked operand sliced in a nested fusion costs its slice (version 1 counted both in full); 3: a while
+#: loop's trip count from its own counter arithmetic (the SPMD partitioner's windowed collective-matmul loops,
+#: ``u32`` counters stepping by 2, were counted once: their matmuls' FLOPs halved under FSDP over 8+ chips)
+ROOFLINE_VERSION = 3
+
+
+def costed_as_current(prediction: Mapping[str, Any], chips: int) -> bool:
+    """Whether a stored prediction follows this version's rules: made under it, or under version 2 on at most
+    4 chips, where the compiler emitted no windowed loops at the fit table's shapes (all such cells' FLOPs are
+    1.18-1.36x the model FLOPs; on 8 or more chips version 2 gave 0.69-1.14x)."""
+    version = prediction.get("roofline", 1)
+    return version == ROOFLINE_VERSION or (version == 2 and chips <= 4)
 
 
 def is_collective(opcode: str) -> bool:

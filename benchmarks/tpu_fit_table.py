@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.long_context import GIB, Point, Progress, chips_of, host_info, run_point, verdict  # noqa: E402
-from benchmarks.roofline import ROOFLINE_VERSION  # noqa: E402
+from benchmarks.roofline import costed_as_current  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "tpu_fit_table.json"
 CASES = (  # (shape, family, preset)
@@ -203,7 +203,7 @@ def markdown(cache: Cache) -> str:
                     ", ".join([f"**{e['topology']}** {_gib(e['used_bytes'])}", *_largest(e)]) + note
                 )
                 p = e.get("predicted") or {}
-                if p.get("step_s") and p.get("roofline", 1) != ROOFLINE_VERSION:
+                if p.get("step_s") and not costed_as_current(p, e["chips"]):
                     fast_cells.append(f"(roofline v{p.get('roofline', 1)}: rerun)")
                 elif p.get("step_s"):
                     speed[(preset, seq, g)] = p["tokens_per_s_per_chip"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.roofline import predict, speed
+from benchmarks.roofline import ROOFLINE_VERSION, costed_as_current, predict, speed
 
 F32 = 128 * 128 * 4  # bytes of an f32[128,128]
 HLO = """HloModule m, entry_computation_layout={(f32[128,128]{1,0})->f32[128,128]{1,0}}
@@ -113,3 +113,53 @@ def test_a_stacked_operand_sliced_in_a_nested_fusion_costs_its_slice():
     fusion: the read is the slice (plus the 4-byte index and the result), not the whole stack."""
     r = predict(NESTED_SLICE_HLO, **CHIP, attention_flops=0.0)
     assert r["hbm_bytes"] == pytest.approx(F32 + 4 + F32)
+
+
+WINDOWED_HLO = """HloModule m, entry_computation_layout={(f32[128,128]{1,0})->f32[128,128]{1,0}}
+
+%wbody (p: (f32[128,128], u32[])) -> (f32[128,128], u32[]) {
+  %p = (f32[128,128]{1,0}, u32[]) parameter(0)
+  %x = f32[128,128]{1,0} get-tuple-element(%p), index=0
+  %d = f32[128,128]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %i = u32[] get-tuple-element(%p), index=1
+  %two = u32[] constant(2)
+  %next = u32[] add(%i, %two)
+  ROOT %t = (f32[128,128]{1,0}, u32[]) tuple(%d, %next)
+}
+
+%wcond (q: (f32[128,128], u32[])) -> pred[] {
+  %q = (f32[128,128]{1,0}, u32[]) parameter(0)
+  %n = u32[] constant(7)
+  %j = u32[] get-tuple-element(%q), index=1
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+ENTRY %main (a: f32[128,128]) -> f32[128,128] {
+  %a = f32[128,128]{1,0} parameter(0)
+  %one = u32[] constant(1)
+  %c = u32[] copy(%one)
+  %tu = (f32[128,128]{1,0}, u32[]) tuple(%a, %c)
+  %w = (f32[128,128]{1,0}, u32[]) while(%tu), condition=%wcond, body=%wbody
+  ROOT %r = f32[128,128]{1,0} get-tuple-element(%w), index=0
+}
+"""
+
+
+def test_a_loop_without_a_known_trip_count_is_counted_from_its_counter():
+    """The SPMD partitioner's windowed collective-matmul loops carry no known_trip_count: a ``u32`` counter
+    from a (copied) constant, stepped by 2 in the body, compared with a bound. From 1 by 2 while < 7: 1, 3, 5,
+    three trips (roofline version 2 counted the body once)."""
+    r = predict(WINDOWED_HLO, **CHIP, attention_flops=0.0)
+    assert r["flops"] == pytest.approx(3 * 2 * 128**3)
+    counter = 3 * (4 + 4 + 4) + (
+        4 + 4
+    )  # the body's add (two u32 operands + result) per trip, the entry's copy
+    assert r["ops_s"] == pytest.approx(3 * max(2 * 128**3 / 1e12, 3 * F32 / 1e9) + counter / 1e9)
+
+
+def test_version_2_predictions_count_as_current_only_on_up_to_4_chips():
+    assert costed_as_current({"roofline": ROOFLINE_VERSION}, 64)
+    assert costed_as_current({"roofline": 2}, 4)
+    assert not costed_as_current({"roofline": 2}, 8)
+    assert not costed_as_current({"roofline": 1}, 1)
+    assert not costed_as_current({}, 1)

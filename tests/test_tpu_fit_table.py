@@ -8,6 +8,7 @@ import argparse
 import pytest
 
 from benchmarks import tpu_fit_table as ft
+from benchmarks.roofline import ROOFLINE_VERSION
 
 T = 8192
 HBM = 16 * 10**9
@@ -15,7 +16,14 @@ ARGS = argparse.Namespace(timeout=60.0, redo=False, skip_failed=False)
 
 
 def _entry(point, status, used, tokens_s=None):
-    e = {"key": point.key, "topology": point.topology, "status": status, "used_bytes": used, "compile_s": 1.0}
+    e = {
+        "key": point.key,
+        "topology": point.topology,
+        "chips": point.chips,
+        "status": status,
+        "used_bytes": used,
+    }
+    e["compile_s"] = 1.0
     e["largest"] = [{"kind": "argument", "name": "w", "shape": "f32[1]", "nbytes": 3 * 2**20}]
     e["largest_temporaries"] = [{"kind": "temporary", "name": "x", "shape": "f32[1]", "nbytes": 2**20}]
     if tokens_s:
@@ -23,7 +31,7 @@ def _entry(point, status, used, tokens_s=None):
             "step_s": T / tokens_s,
             "tokens_per_s_per_chip": tokens_s,
             "mfu": 0.4,
-            "roofline": 2,
+            "roofline": ROOFLINE_VERSION,
         }
     return e
 
@@ -86,5 +94,10 @@ def test_markdown_tables(fake):
     )
     assert f"| Qwen2.5-7B | wuneng | 8192 | {T / 800:.2f} · 800 · 40 % · **1.25× qwen2** |" in text
     # a prediction made under older costing rules is not shown (nor compared): the cell says to rerun it
-    cache.data["compiles"][ft.fitting(cache, cache.data["table"][1])["key"]]["predicted"]["roofline"] = 1
+    predicted = cache.data["compiles"][ft.fitting(cache, cache.data["table"][1])["key"]]["predicted"]
+    predicted["roofline"] = 1
     assert "| Qwen2.5-7B | wuneng | 8192 | (roofline v1: rerun) |" in ft.markdown(cache)
+    predicted["roofline"] = (
+        2  # version 2 counted windowed loops once: current only on up to 4 chips, this is 8
+    )
+    assert "| Qwen2.5-7B | wuneng | 8192 | (roofline v2: rerun) |" in ft.markdown(cache)
