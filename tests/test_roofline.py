@@ -151,9 +151,8 @@ def test_a_loop_without_a_known_trip_count_is_counted_from_its_counter():
     three trips (roofline version 2 counted the body once)."""
     r = predict(WINDOWED_HLO, **CHIP, attention_flops=0.0)
     assert r["flops"] == pytest.approx(3 * 2 * 128**3)
-    counter = 3 * (4 + 4 + 4) + (
-        4 + 4
-    )  # the body's add (two u32 operands + result) per trip, the entry's copy
+    # the body's add (two u32 operands + result) per trip, the entry's copy (operand + result)
+    counter = 3 * (4 + 4 + 4) + (4 + 4)
     assert r["ops_s"] == pytest.approx(3 * max(2 * 128**3 / 1e12, 3 * F32 / 1e9) + counter / 1e9)
 
 

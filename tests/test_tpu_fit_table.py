@@ -16,14 +16,8 @@ ARGS = argparse.Namespace(timeout=60.0, redo=False, skip_failed=False)
 
 
 def _entry(point, status, used, tokens_s=None):
-    e = {
-        "key": point.key,
-        "topology": point.topology,
-        "chips": point.chips,
-        "status": status,
-        "used_bytes": used,
-    }
-    e["compile_s"] = 1.0
+    e = {"key": point.key, "topology": point.topology, "chips": point.chips, "status": status}
+    e |= {"used_bytes": used, "compile_s": 1.0}
     e["largest"] = [{"kind": "argument", "name": "w", "shape": "f32[1]", "nbytes": 3 * 2**20}]
     e["largest_temporaries"] = [{"kind": "temporary", "name": "x", "shape": "f32[1]", "nbytes": 2**20}]
     if tokens_s:
@@ -97,7 +91,6 @@ def test_markdown_tables(fake):
     predicted = cache.data["compiles"][ft.fitting(cache, cache.data["table"][1])["key"]]["predicted"]
     predicted["roofline"] = 1
     assert "| Qwen2.5-7B | wuneng | 8192 | (roofline v1: rerun) |" in ft.markdown(cache)
-    predicted["roofline"] = (
-        2  # version 2 counted windowed loops once: current only on up to 4 chips, this is 8
-    )
+    # version 2 counted windowed loops once: current only on up to 4 chips, this cell has 8
+    predicted["roofline"] = 2
     assert "| Qwen2.5-7B | wuneng | 8192 | (roofline v2: rerun) |" in ft.markdown(cache)
